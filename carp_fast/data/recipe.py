@@ -1,0 +1,36 @@
+"""The published augmentation recipe, as numbers every backend shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FLIP_P = 0.5
+JITTER_P = 0.8
+JITTER_BRIGHTNESS = 0.4
+JITTER_CONTRAST = 0.4
+JITTER_SATURATION = 0.2
+JITTER_HUE = 0.1
+GRAYSCALE_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)
+SOLARIZE_THRESHOLD = 128
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """Probabilities of the view-dependent steps for one view."""
+
+    blur_p: float
+    solarize_p: float
+
+
+def view_augments(global_number: int, local_number: int) -> list[ViewAugment]:
+    """Per-view probabilities, global views first: blur 1.0 on global 1, 0.1 and solarize
+    0.2 on global 2 (and any further global view), blur 0.5 on every local view."""
+    views = []
+    for v in range(global_number):
+        views.append(ViewAugment(1.0, 0.0) if v == 0 else ViewAugment(0.1, 0.2))
+    views += [ViewAugment(0.5, 0.0)] * local_number
+    return views

@@ -1,0 +1,444 @@
+"""The training loop: steps, accumulation, EMA teacher, schedules, logging, checkpoints.
+
+Everything the loop needs per step is derived from (seed, step) or reduced across
+ranks; nothing on the host waits for the device except at log intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from carp_fast import checkpoint, distributed
+from carp_fast.config import Config, config_from_dict, dump_config
+from carp_fast.data import build_loader
+from carp_fast.loss import carp_loss, draw_partition
+from carp_fast.model import CarpModel
+from carp_fast.optim import LARS, Schedules, ema_update, param_groups, scaled_lr, set_hyperparameters
+
+log = logging.getLogger(__name__)
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device("cuda", local_rank)
+
+
+def build_models(cfg: Config, device: torch.device) -> tuple[CarpModel, CarpModel]:
+    """Student and teacher from the same initial weights (seeded); the teacher has no grads."""
+    torch.manual_seed(cfg.train.seed)
+    student = CarpModel(cfg.model).to(device)
+    teacher = copy.deepcopy(student)
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return student, teacher
+
+
+def convert_sync_bn(model: CarpModel, where: str) -> CarpModel:
+    if where == "all":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if where == "head":
+        model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
+    return model
+
+
+@dataclass
+class StepOutput:
+    consistency: torch.Tensor
+    entropy: torch.Tensor
+
+
+class Trainer:
+    """Owns the models, optimiser, loader and run directory of one process."""
+
+    def __init__(self, cfg: Config, env: distributed.DistEnv | None = None):
+        self.cfg = cfg
+        self.env = env or distributed.DistEnv(0, 1, 0)
+        self.device = resolve_device(cfg.train.device, self.env.local_rank)
+        self.out_dir = Path(cfg.train.out_dir)
+        self.amp_dtype = None
+        if cfg.train.amp != "off":
+            if self.device.type == "cuda":
+                self.amp_dtype = AMP_DTYPES[cfg.train.amp]
+            elif self.env.is_main:
+                log.info("train.amp=%s ignored on CPU: training in fp32", cfg.train.amp)
+
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        self.loader = build_loader(cfg, self.device, dtype=self.amp_dtype)
+        accumulation = cfg.train.accumulation_steps
+        self.steps_per_epoch = len(self.loader) // accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"an epoch has {len(self.loader)} batches per process, fewer than "
+                f"train.accumulation_steps={accumulation}"
+            )
+        self.total_steps = cfg.train.epochs * self.steps_per_epoch
+        self.global_batch = cfg.data.batch_size * self.env.world_size * accumulation
+        peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
+        self.schedules = Schedules(
+            peak_lr=peak_lr,
+            min_lr=cfg.optim.min_lr,
+            warmup_steps=int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)),
+            total_steps=self.total_steps,
+            weight_decay=cfg.optim.weight_decay,
+            weight_decay_end=cfg.optim.weight_decay_end,
+            teacher_momentum=cfg.optim.teacher_momentum,
+        )
+
+        self.student, self.teacher = build_models(cfg, self.device)
+        if self.env.world_size > 1 and self.device.type == "cuda":
+            self.student = convert_sync_bn(self.student, cfg.model.sync_bn)
+            self.teacher = convert_sync_bn(self.teacher, cfg.model.sync_bn)
+        self.optimizer = LARS(
+            param_groups(self.student),
+            lr=peak_lr,
+            weight_decay=cfg.optim.weight_decay,
+            momentum=cfg.optim.momentum,
+            trust_coefficient=cfg.optim.trust_coefficient,
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        # Parameter lists for the multi-tensor EMA, fixed once so the step builds none.
+        self.ema_student = list(self.student.parameters())
+        self.ema_teacher = list(self.teacher.parameters())
+
+        self.student_forward: nn.Module = self.student
+        if cfg.train.compile:
+            # In-place compile keeps state-dict keys free of `_orig_mod.` prefixes.
+            self.student.backbone.compile()
+            self.teacher.backbone.compile()
+        if self.env.world_size > 1:
+            self.student_forward = nn.parallel.DistributedDataParallel(
+                self.student,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+
+        self.step = 0
+        self.epoch = 0
+        self.metrics_file = None
+        self.tensorboard = None
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        return {
+            "student": checkpoint.strip_prefixes(self.student.state_dict()),
+            "teacher": checkpoint.strip_prefixes(self.teacher.state_dict()),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "config": self.cfg.to_dict(),
+            "rng": checkpoint.rng_state(),
+            "format": "carp_fast/1",
+        }
+
+    def load_state_dict(self, state: dict, source: str) -> None:
+        saved_cfg = config_from_dict(state["config"])
+        if saved_cfg.model != self.cfg.model:
+            differing = [
+                f"model.{k}: checkpoint {v!r} vs run {getattr(self.cfg.model, k)!r}"
+                for k, v in vars(saved_cfg.model).items()
+                if getattr(self.cfg.model, k) != v
+            ]
+            raise checkpoint.CheckpointError(
+                f"{source} was trained with another model: " + "; ".join(differing)
+            )
+        checkpoint.check_compatible(state["student"], self.student, f"student of {source}")
+        checkpoint.check_compatible(state["teacher"], self.teacher, f"teacher of {source}")
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        checkpoint.set_rng_state(state.get("rng", {}))
+
+    def save(self, numbered: bool = False) -> None:
+        if not self.env.is_main:
+            return
+        state = self.state_dict()
+        checkpoint.save_atomic(state, self.out_dir / checkpoint.LAST)
+        if numbered:
+            checkpoint.save_atomic(state, checkpoint.numbered_path(self.out_dir, self.step))
+            checkpoint.prune_numbered(self.out_dir, self.cfg.train.keep_last)
+
+    def maybe_resume(self) -> bool:
+        last = self.out_dir / checkpoint.LAST
+        if not last.exists():
+            return False
+        state = checkpoint.load(last, map_location=self.device)
+        self.load_state_dict(state, str(last))
+        if self.env.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", last, self.step, self.epoch)
+        return True
+
+    # ------------------------------------------------------------------------------ step
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batches: list) -> StepOutput:
+        """One optimiser step over ``len(batches)`` accumulated batches."""
+        cfg = self.cfg
+        lr = self.schedules.lr(self.step)
+        weight_decay = self.schedules.weight_decay(self.step)
+        momentum = self.schedules.teacher_momentum(self.step)
+        set_hyperparameters(self.optimizer, lr, weight_decay)
+        partition = draw_partition(
+            cfg.model.num_prototypes, cfg.model.partition_size, cfg.train.seed, self.step
+        ).to(self.device, non_blocking=True)
+
+        consistency_sum = entropy_sum = None
+        for index, batch in enumerate(batches):
+            last = index == len(batches) - 1
+            no_sync = (
+                self.student_forward.no_sync()
+                if isinstance(self.student_forward, nn.parallel.DistributedDataParallel) and not last
+                else contextlib.nullcontext()
+            )
+            with no_sync:
+                num_student = batch.num_views()
+                num_teacher = batch.global_views.shape[0] // batch.batch_size
+                with self.autocast():
+                    student_logits = self.student_forward(
+                        batch.global_views, batch.local_views, partition, num_views=num_student
+                    )
+                    with torch.no_grad():
+                        teacher_logits = self.teacher(
+                            batch.global_views, None, partition, num_views=num_teacher
+                        )
+                consistency, entropy = carp_loss(
+                    student_logits, teacher_logits, cfg.model.partition_size, impl=cfg.train.loss_impl
+                )
+                loss = (consistency + entropy) / len(batches)
+                self.scaler.scale(loss).backward()
+            consistency_sum = consistency.detach() if consistency_sum is None else consistency_sum + consistency.detach()
+            entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
+
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.ema_teacher, self.ema_student, momentum)
+        self.step += 1
+        return StepOutput(consistency_sum / len(batches), entropy_sum / len(batches))
+
+    # ------------------------------------------------------------------------------ loop
+    def open_logs(self) -> None:
+        if not self.env.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self.metrics_file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        if self.cfg.train.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise RuntimeError(
+                    "train.tensorboard=true needs the tensorboard package: pip install tensorboard"
+                ) from error
+            self.tensorboard = SummaryWriter(str(self.out_dir / "tb"))
+
+    def close_logs(self) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.close()
+            self.metrics_file = None
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+
+    def max_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def log_metrics(self, record: dict) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
+
+    def stop_step(self) -> int:
+        cap = self.cfg.train.max_steps
+        return self.total_steps if cap is None else min(cap, self.total_steps)
+
+    def fit(self) -> dict:
+        """Train until the last epoch or ``train.max_steps``; returns the last metrics."""
+        cfg = self.cfg
+        self.maybe_resume()
+        self.open_logs()
+        stop = self.stop_step()
+        if self.env.is_main:
+            log.info(
+                "training %s for %d steps (%d per epoch, global batch %d, peak lr %.4g) on %s, "
+                "%d process(es), run dir %s",
+                cfg.model.arch, stop, self.steps_per_epoch, self.global_batch,
+                self.schedules.peak_lr, self.device, self.env.world_size, self.out_dir,
+            )
+        progress = Progress(self, stop)
+        last_record: dict = {}
+        accumulation = cfg.train.accumulation_steps
+        try:
+            while self.step < stop:
+                self.epoch = self.step // self.steps_per_epoch
+                start_in_epoch = self.step - self.epoch * self.steps_per_epoch
+                self.loader.set_epoch(self.epoch, start_batch=start_in_epoch * accumulation)
+                iterator = iter(self.loader)
+                self.student.train()
+                self.teacher.train()
+                window = Window(self)
+                for _ in range(start_in_epoch, self.steps_per_epoch):
+                    if self.step >= stop:
+                        break
+                    wait_start = time.perf_counter()
+                    batches = [next(iterator) for _ in range(accumulation)]
+                    window.data_time += time.perf_counter() - wait_start
+                    out = self.train_step(batches)
+                    window.add(out, batches[0].batch_size * accumulation)
+                    end_of_epoch = self.step % self.steps_per_epoch == 0
+                    if self.step % cfg.train.log_every == 0 or self.step == stop or end_of_epoch:
+                        last_record = window.flush()
+                        self.log_metrics(last_record)
+                        progress.update(last_record)
+                    if (
+                        self.step % cfg.train.ckpt_every == 0
+                        or end_of_epoch
+                        or self.step == stop
+                        or (cfg.train.keep_every and self.step % cfg.train.keep_every == 0)
+                    ):
+                        keep = bool(cfg.train.keep_every) and self.step % cfg.train.keep_every == 0
+                        self.epoch = self.step // self.steps_per_epoch
+                        self.save(numbered=keep)
+                del iterator
+        finally:
+            progress.close()
+            self.close_logs()
+        return last_record
+
+
+class Window:
+    """Device-side sums between log lines; ``flush`` is the loop's one intended sync."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.reset()
+
+    def reset(self) -> None:
+        self.consistency = None
+        self.entropy = None
+        self.steps = 0
+        self.images = 0
+        self.data_time = 0.0
+        self.start = time.perf_counter()
+
+    def add(self, out: StepOutput, images: int) -> None:
+        self.consistency = out.consistency if self.consistency is None else self.consistency + out.consistency
+        self.entropy = out.entropy if self.entropy is None else self.entropy + out.entropy
+        self.steps += 1
+        self.images += images
+
+    def flush(self) -> dict:
+        trainer = self.trainer
+        if self.steps == 0:
+            return {}
+        # Intended host sync: one per log interval, to read the losses.
+        values = torch.stack([self.consistency, self.entropy]) / self.steps
+        if distributed.world_size() > 1:
+            distributed.all_reduce_mean(values)
+        consistency, entropy = values.tolist()
+        elapsed = time.perf_counter() - self.start
+        world = trainer.env.world_size
+        record = {
+            "step": trainer.step,
+            "epoch": trainer.step / trainer.steps_per_epoch,
+            "loss": consistency + entropy,
+            "consistency": consistency,
+            "entropy": entropy,
+            "lr": trainer.schedules.lr(trainer.step - 1),
+            "weight_decay": trainer.schedules.weight_decay(trainer.step - 1),
+            "teacher_momentum": trainer.schedules.teacher_momentum(trainer.step - 1),
+            "images_per_s": self.images * world / max(elapsed, 1e-9),
+            "data_time_s": self.data_time / self.steps,
+            "step_time_s": elapsed / self.steps,
+            "max_memory_mb": trainer.max_memory_mb(),
+        }
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss {record['loss']} at step {trainer.step}; last.pt holds the "
+                "last good state"
+            )
+        self.reset()
+        return record
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain lines otherwise; rank 0 only."""
+
+    def __init__(self, trainer: Trainer, stop: int):
+        self.enabled = trainer.env.is_main
+        self.trainer = trainer
+        self.stop = stop
+        mode = trainer.cfg.train.progress
+        use_bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
+        self.bar = None
+        self.start_time = time.perf_counter()
+        self.start_step = trainer.step
+        if self.enabled and use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=stop, initial=trainer.step, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        if not self.enabled or not record:
+            return
+        if self.bar is not None:
+            self.bar.n = record["step"]
+            self.bar.set_postfix(
+                loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}", refresh=False
+            )
+            self.bar.refresh()
+            return
+        done = record["step"] - self.start_step
+        elapsed = time.perf_counter() - self.start_time
+        eta = elapsed / max(done, 1) * (self.stop - record["step"])
+        print(
+            f"step {record['step']:>6}/{self.stop} epoch {record['epoch']:.2f} "
+            f"loss {record['loss']:.4f} (consistency {record['consistency']:.4f}, "
+            f"entropy {record['entropy']:.4f}) lr {record['lr']:.4g} "
+            f"{record['images_per_s']:.1f} img/s data {record['data_time_s'] * 1000:.0f} ms/step "
+            f"eta {_format_seconds(eta)}",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

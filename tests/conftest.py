@@ -1,0 +1,88 @@
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same random state, whatever ran before it."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _small_thread_count():
+    # Two cores here and in CI: keep torch from oversubscribing when tests spawn processes.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A generated ImageFolder (6 classes) with train/ and val/ splits of small JPEGs."""
+    from carp_fast.data.demo import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("data") / "tiny"
+    return generate_demo_dataset(root, train_per_class=4, val_per_class=2, size=40, seed=0)
+
+
+def tiny_overrides(data_path, out_dir, **extra):
+    """Overrides that shrink the demo recipe to seconds on a CPU."""
+    values = {
+        "data.path": str(data_path),
+        "data.generate_demo": False,
+        "data.batch_size": 4,
+        "data.num_workers": 0,
+        "crops.global_size": 32,
+        "crops.local_number": 2,
+        "crops.local_size": 16,
+        "model.arch": "resnet18",
+        "model.num_prototypes": 64,
+        "model.partition_size": 16,
+        "model.hidden_dim": 32,
+        "model.bottleneck_dim": 16,
+        "train.epochs": 2,
+        "train.out_dir": str(out_dir),
+        "train.loss_impl": "reference",
+        "train.log_every": 1,
+        "train.ckpt_every": 100,
+        "train.progress": "lines",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={_yaml_value(v)}" for k, v in values.items()]
+
+
+def _yaml_value(value):
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+@pytest.fixture
+def tiny_config(tiny_dataset, tmp_path):
+    """Factory: ``tiny_config(**overrides)`` with keys like ``train__max_steps=3``."""
+    from carp_fast.config import load_config
+
+    def make(**extra):
+        return load_config("demo_cpu.yaml", tiny_overrides(tiny_dataset / "train", tmp_path / "run", **extra))
+
+    return make
