@@ -45,11 +45,25 @@ class DataConfig:
     """Batches each worker prepares ahead."""
     generate_demo: bool = False
     """Generate the embedded demo dataset at `path` if it does not exist yet."""
+    ffcv_os_cache: bool = True
+    """FFCV: read the .beton through the OS page cache (false: FFCV's own process cache, for datasets larger than RAM use with quasi_random order)."""
+    ffcv_order: Literal["random", "quasi_random"] = "random"
+    """FFCV: sample order; quasi_random reads in page-sized runs for datasets larger than RAM."""
+    dali_hw_decoder_load: float = 0.65
+    """DALI: share of JPEG decoding sent to the hardware decoder (A100/H100), the rest to CUDA."""
+    dali_device_memory_padding: int = 211025920
+    """DALI: bytes of nvJPEG device memory pre-allocated to avoid regrowth."""
+    dali_host_memory_padding: int = 140544512
+    """DALI: bytes of nvJPEG pinned host memory pre-allocated to avoid regrowth."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
         _non_negative(self, "num_workers")
         _positive(self, "prefetch_factor")
+        if not 0 <= self.dali_hw_decoder_load <= 1:
+            raise ConfigError("data.dali_hw_decoder_load must be in [0, 1]")
+        _non_negative(self, "dali_device_memory_padding")
+        _non_negative(self, "dali_host_memory_padding")
         if not self.path:
             raise ConfigError("data.path must name the training data")
 
@@ -112,6 +126,8 @@ class ModelConfig:
     """SyncBatchNorm under multi-GPU DDP: everywhere (published), only in the head, or none. Ignored on CPU."""
     channels_last: bool = True
     """Run the backbone in channels-last memory format."""
+    init_weights: Optional[str] = None
+    """Warm start: a carp_fast or published CARP checkpoint whose student and teacher weights initialise this run (null: random init). Ignored when resuming."""
 
     def __post_init__(self) -> None:
         import torchvision.models as tvm
