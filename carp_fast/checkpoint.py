@@ -24,6 +24,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written, read, or does not fit the run."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (disk full, permissions); the previous file is intact."""
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -60,10 +64,23 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
         except FileNotFoundError:
             pass
         if isinstance(error, (OSError, RuntimeError)):
-            raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
+            raise CheckpointWriteError(
+                f"could not write checkpoint {path}: {error}; the previous {path.name} is intact"
+            ) from error
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def remove_stale_temporaries(directory: str | Path) -> list[Path]:
+    """Delete temporary files a killed writer left behind (they never look complete)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.glob(".*.pt.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -141,3 +158,247 @@ def check_compatible(state_dict: dict[str, torch.Tensor], model: torch.nn.Module
         if unexpected:
             lines.append(f"  unexpected {len(unexpected)} keys, e.g. {', '.join(unexpected[:5])}")
         raise CheckpointError("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------
+# Reading weights for evaluation, export and warm start
+#
+# Three kinds of file hold encoder weights: a carp_fast checkpoint (or a run directory,
+# whose last.pt is read), a published CARP checkpoint (``student``/``teacher`` dicts whose
+# keys carry DDP's ``module.`` prefix, plus an ``args`` argparse.Namespace), and a plain
+# backbone state dict (what ``python -m carp_fast.export`` writes, .pth or .safetensors).
+# All of them come back in CarpModel's key layout (``backbone.*``, ``head.*``).
+
+PUBLISHED = "published"
+CARP_FAST = "carp_fast"
+BACKBONE_ONLY = "backbone"
+
+
+def _load_published(path: Path, map_location) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` that also accepts the published ``args``.
+
+    The published training script pickles its argparse.Namespace next to the weights.
+    A Namespace holds only plain values, so allowing that one class keeps the guarantee
+    that no pickled code runs.
+    """
+    import argparse
+
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        text = str(error)
+        if "Unsupported global" in text or "weights_only" in text.lower():
+            raise CheckpointError(
+                f"cannot read {path} with weights_only=True: it pickles Python objects other "
+                f"than tensors and plain values ({text.splitlines()[-1] if text else error}). "
+                "Re-save it from a trusted environment as a dict of state dicts, e.g. "
+                "torch.save({'student': ckpt['student'], 'teacher': ckpt['teacher']}, out)"
+            ) from error
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint dict")
+    return state
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
+    )
+
+
+def _model_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Plain keys; a bare backbone (torchvision keys) goes under ``backbone.``."""
+    plain = strip_prefixes(state_dict)
+    if any(k.startswith(("backbone.", "head.")) for k in plain):
+        return plain
+    return {f"backbone.{k}": v for k, v in plain.items()}
+
+
+def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Student and teacher weights of a run directory, checkpoint or exported backbone.
+
+    Returns ``{"student": sd | None, "teacher": sd | None, "config": dict | None,
+    "args": dict | None, "arch": str | None, "format": str, "source": str}``: state dicts
+    in CarpModel's layout (``backbone.*``, ``head.*``; no ``module.`` prefix), the
+    carp_fast config when the file has one, the published run's arguments when it has
+    them, and the architecture the file names, if any. A bare backbone file gives the
+    same dict as student and teacher. Every read uses ``weights_only=True``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        last = path / LAST
+        if not last.is_file():
+            raise CheckpointError(f"{path} is a directory without {LAST}: not a carp_fast run")
+        path = last
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    source = str(path)
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            tensors = load_file(str(path), device=str(map_location))
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except Exception as error:  # SafetensorError (not exported by every version), OSError
+            raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
+        weights = _model_layout(tensors)
+        return {
+            "student": weights, "teacher": weights, "config": None, "args": None,
+            "arch": metadata.get("arch"), "format": BACKBONE_ONLY, "source": source,
+        }
+
+    state = _load_published(path, map_location)
+    if state.get("format", "").startswith("carp_fast/") or (
+        isinstance(state.get("config"), dict) and "model" in state["config"]
+    ):
+        config = state.get("config")
+        return {
+            "student": _model_layout(state["student"]) if _is_state_dict(state.get("student")) else None,
+            "teacher": _model_layout(state["teacher"]) if _is_state_dict(state.get("teacher")) else None,
+            "config": config,
+            "args": None,
+            "arch": (config or {}).get("model", {}).get("arch"),
+            "format": CARP_FAST,
+            "source": source,
+        }
+    if _is_state_dict(state.get("student")) or _is_state_dict(state.get("teacher")):
+        args = state.get("args")
+        args = vars(args) if hasattr(args, "__dict__") else (args if isinstance(args, dict) else None)
+        arch = args.get("arch") if args else None
+        return {
+            "student": _model_layout(state["student"]) if _is_state_dict(state.get("student")) else None,
+            "teacher": _model_layout(state["teacher"]) if _is_state_dict(state.get("teacher")) else None,
+            "config": None,
+            "args": args,
+            "arch": arch if isinstance(arch, str) else None,
+            "format": PUBLISHED,
+            "source": source,
+        }
+    for key in ("state_dict", "model"):  # common wrappers around a single state dict
+        if _is_state_dict(state.get(key)):
+            state = state[key]
+            break
+    if _is_state_dict(state):
+        weights = _model_layout(state)
+        return {
+            "student": weights, "teacher": weights, "config": None, "args": None,
+            "arch": None, "format": BACKBONE_ONLY, "source": source,
+        }
+    raise CheckpointError(
+        f"{path} is neither a carp_fast checkpoint, a published CARP checkpoint (student/"
+        f"teacher state dicts) nor a state dict; its top-level keys are "
+        f"{', '.join(sorted(map(str, state))[:10]) or 'none'}"
+    )
+
+
+def backbone_state_dict(weights: dict[str, Any], which: str = "teacher") -> dict[str, torch.Tensor]:
+    """The ``which`` network's backbone with torchvision keys: no ``backbone.``, no ``fc.``."""
+    if which not in ("teacher", "student"):
+        raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+    state_dict = weights.get(which)
+    if state_dict is None:
+        raise CheckpointError(f"{weights.get('source', 'the checkpoint')} holds no {which} weights")
+    backbone = {
+        k[len("backbone."):]: v
+        for k, v in state_dict.items()
+        if k.startswith("backbone.") and not k.startswith("backbone.fc.")
+    }
+    if not backbone:
+        raise CheckpointError(
+            f"the {which} of {weights.get('source', 'the checkpoint')} has no backbone.* keys "
+            f"(it has e.g. {', '.join(sorted(state_dict)[:5])})"
+        )
+    return backbone
+
+
+def _resnet_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(
+        name
+        for name, fn in vars(tvm.resnet).items()
+        if callable(fn) and name.islower() and not name.startswith("_")
+        and name != "resnet" and "resne" in name
+    )
+
+
+def infer_arch(backbone: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet whose keys and shapes (fc aside) match ``backbone``, if any."""
+    import torchvision.models as tvm
+
+    shapes = {k: tuple(v.shape) for k, v in backbone.items() if not k.startswith("fc.")}
+    for name in _resnet_names():
+        # Meta tensors: shapes without allocating or initialising a single weight.
+        with torch.device("meta"):
+            model = getattr(tvm, name)(weights=None)
+        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
+        if own == shapes:
+            return name
+    return None
+
+
+def _arch_hint(backbone: dict[str, torch.Tensor], expected: str | None) -> str:
+    found = infer_arch(backbone)
+    if found is None:
+        return "\n  these weights match no torchvision ResNet (fc aside)"
+    if found == expected:
+        return ""
+    target = f", the model is a {expected}" if expected else ""
+    return f"\n  these weights are a {found} backbone{target}"
+
+
+def check_backbone(
+    backbone: dict[str, torch.Tensor], model: torch.nn.Module, arch: str, what: str
+) -> None:
+    """:func:`check_compatible` for a backbone, naming the architecture the weights are."""
+    try:
+        check_compatible(backbone, model, what)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}{_arch_hint(backbone, arch)}") from None
+
+
+def init_from_weights(
+    path: str | Path, student: torch.nn.Module, teacher: torch.nn.Module
+) -> dict[str, Any]:
+    """Warm start: copy a checkpoint's student and teacher weights into fresh models.
+
+    Accepts whatever :func:`read_weights` does. The backbone must fit exactly; the head
+    is loaded when the file has one (it must then fit too) and left at its random
+    initialisation when the file is a bare backbone. A file with only one of student and
+    teacher initialises both from it. Returns the :func:`read_weights` dict.
+    """
+    weights = read_weights(path)
+    fallback = weights["student"] if weights["student"] is not None else weights["teacher"]
+    for name, model in (("student", student), ("teacher", teacher)):
+        state = dict(weights[name] if weights[name] is not None else fallback)
+        if not any(k.startswith("head.") for k in state):
+            state.update({k: v for k, v in model.state_dict().items() if k.startswith("head.")})
+        try:
+            check_compatible(state, model, f"{name} of {weights['source']}")
+        except CheckpointError as error:
+            own = {
+                k[len("backbone."):]: v
+                for k, v in model.state_dict().items()
+                if k.startswith("backbone.")
+            }
+            theirs = backbone_state_dict({name: state, "source": weights["source"]}, name)
+            raise CheckpointError(f"{error}{_arch_hint(theirs, infer_arch(own))}") from None
+        model.load_state_dict(state)
+    return weights
+
+
+def weights_arch(weights: dict[str, Any], which: str = "teacher", requested: str | None = None) -> str:
+    """The architecture to build for ``weights``: ``requested`` when given, else the one
+    the file names (carp_fast config, published ``args.arch``), else the one its shapes
+    match, else resnet50 (the published models)."""
+    if requested:
+        return requested
+    if weights.get("arch"):
+        return weights["arch"]
+    try:
+        return infer_arch(backbone_state_dict(weights, which)) or "resnet50"
+    except CheckpointError:
+        return "resnet50"

@@ -216,6 +216,8 @@ class TrainConfig:
     """Numbered copies to keep (the oldest are removed)."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to out_dir/tb (needs the tensorboard package)."""
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss is not finite on any rank is always dropped on every rank; then `stop` saves the last good state and exits (status 4), `skip` logs it and goes on."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress display on rank 0: a bar when stdout is a terminal (auto), or plain lines."""
 

@@ -2,7 +2,15 @@
 
 NAME is a path, or a recipe in configs/. Overrides are read as YAML
 (``crops.global_scale=[0.2,1.0]``, ``train.amp=bf16``). Under torchrun every process runs
-this same command. Exit status: 0 done, 1 training failed, 2 bad config or data path.
+this same command.
+
+Exit status (for requeue scripts):
+  0  finished (epochs done or train.max_steps reached)
+  1  crashed: an unexpected error; last.pt holds the last saved state
+  2  bad config, data path or checkpoint (nothing was trained)
+  3  preempted by SIGTERM/SIGUSR1: the step finished and last.pt holds it; rerun to resume
+  4  non-finite loss under train.nonfinite=stop: last.pt holds the last good state
+  5  a checkpoint could not be written (disk full, permissions): the previous last.pt is intact
 """
 
 from __future__ import annotations
@@ -17,6 +25,9 @@ from carp_fast.config import ConfigError, dump_config, field_docs, load_config
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_PREEMPTED = 3
+EXIT_NONFINITE = 4
+EXIT_WRITE_FAILED = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,21 +64,34 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return EXIT_OK
 
+    from carp_fast.checkpoint import CheckpointError, CheckpointWriteError
     from carp_fast.data import DataPathError
-    from carp_fast.trainer import Trainer, resolve_device
+    from carp_fast.trainer import NonFiniteLoss, Preempted, Trainer, resolve_device
 
     try:
         env = distributed.init(resolve_device(cfg.train.device, env.local_rank).type)
         trainer = Trainer(cfg, env)
-    except (DataPathError, ValueError) as error:
+    except (DataPathError, ValueError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         distributed.shutdown()
         return EXIT_USAGE
     try:
         trainer.fit()
+        return EXIT_OK
+    except Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        return EXIT_PREEMPTED
+    except NonFiniteLoss as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except CheckpointWriteError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_WRITE_FAILED
+    except CheckpointError as error:  # resume from an incompatible or unreadable last.pt
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         distributed.shutdown()
-    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ import contextlib
 import copy
 import json
 import logging
-import math
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,18 @@ def convert_sync_bn(model: CarpModel, where: str) -> CarpModel:
 class StepOutput:
     consistency: torch.Tensor
     entropy: torch.Tensor
+    skipped: torch.Tensor  # 1.0 when the step was dropped for a non-finite loss
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGUSR1 arrived: the step finished, last.pt holds it; rerun to resume."""
+
+
+class NonFiniteLoss(FloatingPointError):
+    """``train.nonfinite=stop`` and a loss was not finite; last.pt holds the last good state."""
+
+
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Trainer:
@@ -137,6 +150,8 @@ class Trainer:
         self.epoch = 0
         self.metrics_file = None
         self.tensorboard = None
+        self.stop_requested = False  # set by the preemption signal handler, nothing else
+        self.skipped_total = 0
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -183,9 +198,24 @@ class Trainer:
             checkpoint.save_atomic(state, checkpoint.numbered_path(self.out_dir, self.step))
             checkpoint.prune_numbered(self.out_dir, self.cfg.train.keep_last)
 
+    def request_stop(self, signum, frame) -> None:
+        """Signal handler: only raise a flag; the loop stops at the next agreed point."""
+        self.stop_requested = True
+
+    def _install_signal_handlers(self) -> dict:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self.request_stop) for sig in PREEMPT_SIGNALS}
+
+    def _stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (one all-reduce, at log-interval sync points)."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
+        distributed.all_reduce_sum(flag)
+        return bool(flag.item() > 0)  # intended sync: only at agreed points
+
     def maybe_resume(self) -> bool:
         last = self.out_dir / checkpoint.LAST
-        if not last.exists():
+        if not last.is_file():
             return False
         state = checkpoint.load(last, map_location=self.device)
         self.load_state_dict(state, str(last))
@@ -211,6 +241,7 @@ class Trainer:
         ).to(self.device, non_blocking=True)
 
         consistency_sum = entropy_sum = None
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
         for index, batch in enumerate(batches):
             last = index == len(batches) - 1
             no_sync = (
@@ -234,21 +265,42 @@ class Trainer:
                 )
                 loss = (consistency + entropy) / len(batches)
                 self.scaler.scale(loss).backward()
+            finite = finite & torch.isfinite(loss.detach())
             consistency_sum = consistency.detach() if consistency_sum is None else consistency_sum + consistency.detach()
             entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
 
-        self.scaler.step(self.optimizer)
+        keep = self._agree_keep(finite)
+        self.scaler.step(self.optimizer, keep=keep)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.ema_teacher, self.ema_student, momentum)
         self.step += 1
-        return StepOutput(consistency_sum / len(batches), entropy_sum / len(batches))
+        return StepOutput(
+            consistency_sum / len(batches), entropy_sum / len(batches), 1.0 - keep.float()
+        )
+
+    def _agree_keep(self, finite: torch.Tensor) -> torch.Tensor:
+        """Whether every rank's loss was finite, as a device tensor (no host sync).
+
+        A tiny all-reduce makes the ranks agree, so they all drop the same step and none
+        waits on a collective the others skipped. On a dropped step the gradients are
+        zeroed so that LARS's skippable update sees finite numbers.
+        """
+        bad = (~finite).float().reshape(1)
+        distributed.all_reduce_sum(bad)
+        keep = (bad[0] == 0)
+        # One masked_fill per parameter: NaN * 0 is NaN, so masking is the only safe zeroing.
+        for param in self.ema_student:
+            if param.grad is not None:
+                param.grad.masked_fill_(~keep, 0.0)
+        return keep
 
     # ------------------------------------------------------------------------------ loop
     def open_logs(self) -> None:
         if not self.env.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temporaries(self.out_dir)
         (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         self.metrics_file = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
         if self.cfg.train.tensorboard:
@@ -287,10 +339,17 @@ class Trainer:
         return self.total_steps if cap is None else min(cap, self.total_steps)
 
     def fit(self) -> dict:
-        """Train until the last epoch or ``train.max_steps``; returns the last metrics."""
+        """Train until the last epoch or ``train.max_steps``; returns the last metrics.
+
+        Raises :class:`Preempted` after saving when SIGTERM/SIGUSR1 arrived,
+        :class:`NonFiniteLoss` under ``train.nonfinite=stop``, and
+        :class:`~carp_fast.checkpoint.CheckpointError` when last.pt cannot be written (the
+        previous one stays valid).
+        """
         cfg = self.cfg
         self.maybe_resume()
         self.open_logs()
+        previous_handlers = self._install_signal_handlers()
         stop = self.stop_step()
         if self.env.is_main:
             log.info(
@@ -320,24 +379,52 @@ class Trainer:
                     out = self.train_step(batches)
                     window.add(out, batches[0].batch_size * accumulation)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if self.step % cfg.train.log_every == 0 or self.step == stop or end_of_epoch:
+                    keep = bool(cfg.train.keep_every) and self.step % cfg.train.keep_every == 0
+                    save = (
+                        self.step % cfg.train.ckpt_every == 0 or end_of_epoch
+                        or self.step == stop or keep
+                    )
+                    if self.step % cfg.train.log_every == 0 or self.step == stop or end_of_epoch or save:
+                        # The agreed point of all ranks: losses, dropped steps, stop requests.
                         last_record = window.flush()
                         self.log_metrics(last_record)
                         progress.update(last_record)
-                    if (
-                        self.step % cfg.train.ckpt_every == 0
-                        or end_of_epoch
-                        or self.step == stop
-                        or (cfg.train.keep_every and self.step % cfg.train.keep_every == 0)
-                    ):
-                        keep = bool(cfg.train.keep_every) and self.step % cfg.train.keep_every == 0
+                        self._apply_nonfinite_policy(last_record)
+                        preempted = self._stop_agreed()
                         self.epoch = self.step // self.steps_per_epoch
-                        self.save(numbered=keep)
+                        if save or preempted:
+                            self.save(numbered=keep)
+                        if preempted:
+                            raise Preempted(
+                                f"stopped by signal at step {self.step}; {self.out_dir / checkpoint.LAST} "
+                                "holds it: rerun the same command to resume"
+                            )
                 del iterator
         finally:
             progress.close()
             self.close_logs()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         return last_record
+
+    def _apply_nonfinite_policy(self, record: dict) -> None:
+        skipped = record.get("skipped_steps", 0)
+        if not skipped:
+            return
+        self.skipped_total += skipped
+        if self.env.is_main:
+            log.warning(
+                "dropped %d step(s) with a non-finite loss before step %d (%d in this process's run)",
+                skipped, self.step, self.skipped_total,
+            )
+        if self.cfg.train.nonfinite == "stop":
+            # Dropped steps left the weights untouched, so this state is the last good one.
+            self.epoch = self.step // self.steps_per_epoch
+            self.save()
+            raise NonFiniteLoss(
+                f"non-finite loss before step {self.step} (train.nonfinite=stop); "
+                f"{self.out_dir / checkpoint.LAST} holds the last good state"
+            )
 
 
 class Window:
@@ -348,16 +435,23 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.consistency = None
-        self.entropy = None
+        self.consistency = self.entropy = self.skipped = None
         self.steps = 0
         self.images = 0
         self.data_time = 0.0
         self.start = time.perf_counter()
 
     def add(self, out: StepOutput, images: int) -> None:
-        self.consistency = out.consistency if self.consistency is None else self.consistency + out.consistency
-        self.entropy = out.entropy if self.entropy is None else self.entropy + out.entropy
+        # A dropped step's loss is not finite: count it, keep it out of the averages.
+        kept = out.skipped == 0
+        consistency = torch.where(kept, out.consistency, 0.0)
+        entropy = torch.where(kept, out.entropy, 0.0)
+        if self.consistency is None:
+            self.consistency, self.entropy, self.skipped = consistency, entropy, out.skipped
+        else:
+            self.consistency = self.consistency + consistency
+            self.entropy = self.entropy + entropy
+            self.skipped = self.skipped + out.skipped
         self.steps += 1
         self.images += images
 
@@ -365,13 +459,16 @@ class Window:
         trainer = self.trainer
         if self.steps == 0:
             return {}
+        sums = torch.stack([self.consistency, self.entropy, self.skipped])
+        distributed.all_reduce_sum(sums)
         # Intended host sync: one per log interval, to read the losses.
-        values = torch.stack([self.consistency, self.entropy]) / self.steps
-        if distributed.world_size() > 1:
-            distributed.all_reduce_mean(values)
-        consistency, entropy = values.tolist()
-        elapsed = time.perf_counter() - self.start
+        consistency_sum, entropy_sum, skipped_sum = sums.tolist()
         world = trainer.env.world_size
+        skipped = int(round(skipped_sum / world))  # the ranks agreed on every dropped step
+        kept = (self.steps - skipped) * world
+        consistency = consistency_sum / kept if kept else float("nan")
+        entropy = entropy_sum / kept if kept else float("nan")
+        elapsed = time.perf_counter() - self.start
         record = {
             "step": trainer.step,
             "epoch": trainer.step / trainer.steps_per_epoch,
@@ -385,12 +482,8 @@ class Window:
             "data_time_s": self.data_time / self.steps,
             "step_time_s": elapsed / self.steps,
             "max_memory_mb": trainer.max_memory_mb(),
+            "skipped_steps": skipped,
         }
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(
-                f"non-finite loss {record['loss']} at step {trainer.step}; last.pt holds the "
-                "last good state"
-            )
         self.reset()
         return record
 

@@ -99,3 +99,25 @@ def test_ema_update_moves_teacher_towards_student():
     torch.testing.assert_close(teacher[1], torch.full((2, 2), 0.9))
     ema_update(teacher, student, momentum=1.0)
     torch.testing.assert_close(teacher[0], torch.full((3,), 0.1))
+
+
+def test_skipped_step_changes_nothing_and_kept_step_matches_plain():
+    torch.manual_seed(1)
+    model, twin = make_model(), make_model()
+    twin.load_state_dict(model.state_dict())
+    opt = LARS(param_groups(model), lr=0.1, weight_decay=1e-3)
+    opt_twin = LARS(param_groups(twin), lr=0.1, weight_decay=1e-3)
+    x = torch.randn(9, 5)
+    for net in (model, twin):
+        net(x).pow(2).mean().backward()
+    opt.step(keep=torch.tensor(1.0))
+    opt_twin.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b)
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    model(x).pow(2).mean().backward()
+    opt.step(keep=torch.tensor(0.0))
+    for p, before, buf in zip(model.parameters(), snapshot, buffers):
+        assert torch.equal(p, before)
+        assert torch.equal(opt.state[p]["momentum_buffer"], buf)
