@@ -119,6 +119,12 @@ class Trainer:
         )
 
         self.student, self.teacher = build_models(cfg, self.device)
+        resuming = (self.out_dir / checkpoint.LAST).is_file()
+        if cfg.model.init_weights and not resuming:
+            # Warm start (carp_fast or published CARP checkpoint); a resume wins over it.
+            checkpoint.init_from_weights(cfg.model.init_weights, self.student, self.teacher)
+            if self.env.is_main:
+                log.info("initialised student and teacher from %s", cfg.model.init_weights)
         if self.env.world_size > 1 and self.device.type == "cuda":
             self.student = convert_sync_bn(self.student, cfg.model.sync_bn)
             self.teacher = convert_sync_bn(self.teacher, cfg.model.sync_bn)
@@ -143,7 +149,6 @@ class Trainer:
             self.student_forward = nn.parallel.DistributedDataParallel(
                 self.student,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
             )
 
         self.step = 0

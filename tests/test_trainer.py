@@ -77,3 +77,28 @@ def test_numbered_copies_are_kept_and_pruned(tiny_config, tmp_path):
     Trainer(cfg).fit()
     names = sorted(p.name for p in (tmp_path / "k").glob("ckpt_*.pt"))
     assert names == ["ckpt_00000003.pt", "ckpt_00000004.pt"]
+
+
+def test_warm_start_from_a_published_format_checkpoint(tiny_config, tmp_path):
+    donor = Trainer(tiny_config(train__out_dir=str(tmp_path / "donor"), train__max_steps=1))
+    donor.fit()
+    # The published format: DDP-prefixed state dicts, no carp_fast config.
+    published = {
+        "student": {f"module.{k}": v for k, v in donor.student.state_dict().items()},
+        "teacher": {f"module.{k}": v for k, v in donor.teacher.state_dict().items()},
+        "epoch": 100,
+    }
+    path = tmp_path / "carp_published.pth"
+    torch.save(published, path)
+    warm = Trainer(tiny_config(train__out_dir=str(tmp_path / "warm"), model__init_weights=str(path)))
+    for a, b in zip(warm.teacher.state_dict().values(), donor.teacher.state_dict().values()):
+        assert torch.equal(a, b)
+    assert warm.step == 0
+
+
+def test_warm_start_refuses_another_architecture(tiny_config, tmp_path):
+    donor = Trainer(tiny_config(train__out_dir=str(tmp_path / "donor"), train__max_steps=1))
+    donor.fit()
+    with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
+        Trainer(tiny_config(train__out_dir=str(tmp_path / "warm34"), model__arch="resnet34",
+                            model__init_weights=str(tmp_path / "donor")))

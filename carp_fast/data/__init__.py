@@ -40,10 +40,13 @@ def prepare_data(cfg: Config) -> None:
     """Generate the demo dataset when asked to and absent (``data.generate_demo``)."""
     if not cfg.data.generate_demo:
         return
+    from carp_fast import distributed
     from carp_fast.data.demo import generate_demo_dataset
 
     path = Path(cfg.data.path)
-    generate_demo_dataset(path.parent if path.name in ("train", "val") else path)
+    if distributed.rank() == 0:
+        generate_demo_dataset(path.parent if path.name in ("train", "val") else path)
+    distributed.barrier()
 
 
 def build_loader(

@@ -107,5 +107,7 @@ def generate_demo_dataset(
         os.replace(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if marker.exists():  # another process finished the same dataset first
+            return root
         raise
     return root

@@ -1,0 +1,468 @@
+"""The FFCV backend's producer: decode each image once, cut every crop from it.
+
+FFCV's own decoders decode and crop in one step, so one pipeline per view would decode
+every image Vg + Vl times. :class:`MultiCropDecoder` is a single FFCV decoder operation
+that decodes an image once (libjpeg-turbo through FFCV, or a memcpy-free view of a raw
+sample) and cuts all random-resized crops, with flips, from it in numba-compiled code on
+FFCV's worker threads. The crops are written view-major into the batch buffer, so the
+batch becomes ``[V*B, 3, H, W]`` channels-last tensors without a copy.
+
+Randomness is a pure function of (seed, epoch, sample index), drawn with a counter-based
+generator inside the compiled code: crops do not depend on thread count or scheduling,
+and a resumed run sees the crops it would have seen. The sample order uses the
+torchvision backend's sharding rule (:class:`EpochShardSampler`), so both backends give
+every rank the same images in the same order for the same seed and epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from carp_fast.config import Config
+from carp_fast.data.batch import MultiCropBatch
+from carp_fast.data.folder import DataPathError
+from carp_fast.data.recipe import FLIP_P
+from carp_fast.data.torchvision_loader import EpochShardSampler
+
+MISSING_FFCV = (
+    "data.backend=ffcv needs FFCV: `pip install ffcv numba opencv-python-headless` after "
+    "installing its system libraries (apt: pkg-config libopencv-dev libturbojpeg0-dev; "
+    "`bash tools/install_system_deps.sh` does it)"
+)
+
+try:
+    import numba
+    from numba import njit
+    from numba.core import cgutils, types
+    from numba.extending import intrinsic
+except ImportError as error:  # pragma: no cover - exercised only without numba
+    raise ImportError(MISSING_FFCV) from error
+
+try:
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.state import State
+except ImportError as error:  # pragma: no cover - exercised only without ffcv
+    raise ImportError(MISSING_FFCV) from error
+
+log = logging.getLogger(__name__)
+
+_JPEG_MODE = IMAGE_MODES["jpg"]
+_imdecode = njit(nogil=True)(imdecode)
+
+# ---------------------------------------------------------------------------------------
+# Counter-based random numbers (splitmix64): a stream per (seed, epoch, sample), so draws
+# inside parallel loops are reproducible whatever thread runs which sample.
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_INV_2_53 = 1.0 / 9007199254740992.0
+
+
+@njit(nogil=True, cache=True)
+def _mix(z):
+    z = (z ^ (z >> _S30)) * _MUL1
+    z = (z ^ (z >> _S27)) * _MUL2
+    return z ^ (z >> _S31)
+
+
+@njit(nogil=True, cache=True)
+def sample_stream(seed, epoch, index):
+    """The initial state of the random stream of one sample in one epoch."""
+    state = _mix(np.uint64(seed) + _GOLDEN)
+    state = _mix(state ^ (np.uint64(epoch) + _GOLDEN))
+    return _mix(state ^ (np.uint64(index) + _GOLDEN))
+
+
+@njit(nogil=True, cache=True)
+def _uniform(state):
+    """``(u, next_state)`` with u uniform in [0, 1)."""
+    state = state + _GOLDEN
+    return float(_mix(state) >> _S11) * _INV_2_53, state
+
+
+@njit(nogil=True, cache=True)
+def sample_crop_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, state):
+    """``(top, left, crop_h, crop_w, state)`` drawn as torchvision's RandomResizedCrop does.
+
+    Same algorithm as :func:`carp_fast.data.crops.sample_crop` (ten tries of area fraction
+    uniform in scale and log aspect uniform in log ratio, then a centre crop at the
+    nearest admissible ratio), with the counter-based stream instead of NumPy's.
+    """
+    area = height * width
+    for _ in range(10):
+        u, state = _uniform(state)
+        target_area = area * (scale_lo + (scale_hi - scale_lo) * u)
+        u, state = _uniform(state)
+        aspect = math.exp(log_ratio_lo + (log_ratio_hi - log_ratio_lo) * u)
+        crop_w = int(round(math.sqrt(target_area * aspect)))
+        crop_h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            u, state = _uniform(state)
+            top = int(u * (height - crop_h + 1))
+            u, state = _uniform(state)
+            left = int(u * (width - crop_w + 1))
+            return top, left, crop_h, crop_w, state
+    in_ratio = width / height
+    ratio_lo, ratio_hi = math.exp(log_ratio_lo), math.exp(log_ratio_hi)
+    if in_ratio < ratio_lo:
+        crop_w, crop_h = width, int(round(width / ratio_lo))
+    elif in_ratio > ratio_hi:
+        crop_h, crop_w = height, int(round(height * ratio_hi))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, state
+
+
+# ---------------------------------------------------------------------------------------
+# Resampling: separable triangle filter whose support widens with the downscale factor
+# (PIL's antialiased BILINEAR), so 400 px regions shrunk to 96 px do not alias.
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def _taps(start, length, out_size, limit, flip):
+    """Source index of the first tap, tap count and weights of every output pixel.
+
+    Taps may reach outside the crop box (as PIL's do) but never outside [0, limit).
+    With ``flip`` the output order is reversed, which mirrors the view for free.
+    """
+    scale = length / out_size
+    filter_scale = max(scale, 1.0)
+    support = filter_scale
+    size = int(math.ceil(support)) * 2 + 1
+    first = np.empty(out_size, np.int64)
+    count = np.empty(out_size, np.int64)
+    weights = np.zeros((out_size, size), np.float32)
+    for o in range(out_size):
+        center = start + (o + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), limit)
+        n = min(hi - lo, size)
+        dest = out_size - 1 - o if flip else o
+        total = 0.0
+        for t in range(n):
+            x = abs((t + lo - center + 0.5) / filter_scale)
+            w = 1.0 - x if x < 1.0 else 0.0
+            weights[dest, t] = w
+            total += w
+        if total > 0.0:
+            for t in range(n):
+                weights[dest, t] /= total
+        first[dest] = lo
+        count[dest] = n
+    return first, count, weights
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def resize_crop(image, height, width, top, left, crop_h, crop_w, out, out_size, flip):
+    """Resample the box of the flat HWC ``image`` into the flat ``out`` (size² × 3).
+
+    Both passes run over contiguous memory, which the compiler vectorises: the vertical
+    pass accumulates whole source rows and stores its result transposed, so the
+    horizontal pass is again a sum of whole rows.
+    """
+    fy, cy, wy = _taps(top, crop_h, out_size, height, False)
+    fx, cx, wx = _taps(left, crop_w, out_size, width, flip)
+    col_lo = width
+    col_hi = 0
+    for o in range(out_size):
+        col_lo = min(col_lo, fx[o])
+        col_hi = max(col_hi, fx[o] + cx[o])
+    cols = col_hi - col_lo
+    line = out_size * 3
+    columns = np.empty((cols, line), np.float32)
+    acc = np.empty(cols * 3, np.float32)
+    # np.float32 casts keep the arithmetic in float32 (uint8 * float32 is float64 in
+    # numba), and the row slices let the compiler vectorise the inner loops.
+    for o in range(out_size):
+        acc[:] = 0.0
+        for t in range(cy[o]):
+            w = wy[o, t]
+            src = ((fy[o] + t) * width + col_lo) * 3
+            row = image[src : src + cols * 3]
+            for k in range(cols * 3):
+                acc[k] += w * np.float32(row[k])
+        for c in range(cols):
+            columns[c, o * 3] = acc[c * 3]
+            columns[c, o * 3 + 1] = acc[c * 3 + 1]
+            columns[c, o * 3 + 2] = acc[c * 3 + 2]
+    column = np.empty(line, np.float32)
+    half = np.float32(0.5)
+    for o in range(out_size):
+        column[:] = 0.0
+        for t in range(cx[o]):
+            w = wx[o, t]
+            row_f = columns[fx[o] + t - col_lo]
+            for k in range(line):
+                column[k] += w * row_f[k]
+        for r in range(out_size):
+            for ch in range(3):
+                v = column[r * 3 + ch] + half
+                out[(r * out_size + o) * 3 + ch] = 0 if v < 0 else (255 if v >= 255 else np.uint8(v))
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def cut_views(image, height, width, state, sizes, scales, log_ratio, flip_p, out, offsets, strides):
+    """All crops of one decoded image, each written at ``offsets[v]`` of flat ``out``.
+
+    Every view draws its box, then its flip, from the sample's stream in view order.
+    """
+    for v in range(sizes.shape[0]):
+        top, left, crop_h, crop_w, state = sample_crop_box(
+            height, width, scales[v, 0], scales[v, 1], log_ratio[0], log_ratio[1], state
+        )
+        u, state = _uniform(state)
+        view = out[offsets[v] : offsets[v] + strides[v]]
+        resize_crop(image, height, width, top, left, crop_h, crop_w, view, sizes[v], u < flip_p)
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address):
+    """An integer address as a void pointer, to read a host cell from compiled code."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
+
+class MultiCropDecoder(SimpleRGBImageDecoder):
+    """FFCV decoder of an ``RGBImageField``: one decode, Vg + Vl crops with flips.
+
+    (A subclass of FFCV's image decoder, which is how FFCV recognises the first operation
+    of a pipeline as the field's decoder.)
+
+    Output per sample: ``sum(size² · 3)`` bytes, but written view-major across the batch
+    buffer, so the batch's bytes read as global views ``[Vg·B, H, W, 3]`` followed by local
+    views ``[Vl·B, h, w, 3]`` (see :func:`split_views`). The epoch enters the random
+    streams through :attr:`epoch_cell`, which the loader sets before each epoch; the
+    compiled code reads it at every batch, so nothing is recompiled between epochs.
+    """
+
+    def __init__(self, views: list[tuple[int, tuple[float, float]]], ratio, seed: int,
+                 flip_p: float = FLIP_P):
+        super().__init__()
+        self.sizes = np.array([size for size, _ in views], dtype=np.int64)
+        self.scales = np.array([scale for _, scale in views], dtype=np.float64).reshape(-1, 2)
+        self.log_ratio = np.log(np.array(ratio, dtype=np.float64))
+        self.seed = int(seed)
+        self.flip_p = float(flip_p)
+        self.epoch_cell = np.zeros(1, dtype=np.int64)
+        self.view_bytes = self.sizes * self.sizes * 3
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch_cell[0] = epoch
+
+    def declare_state_and_memory(self, previous_state: State):
+        shape = (int(self.view_bytes.sum()),)
+        dtype = np.dtype("<u1")
+        return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        loop = Compiler.get_iterator()
+        sizes, scales, log_ratio = self.sizes, self.scales, self.log_ratio
+        view_bytes = self.view_bytes
+        seed, flip_p = np.uint64(self.seed), self.flip_p
+        epoch_address = self.epoch_cell.ctypes.data
+        jpeg = _JPEG_MODE
+
+        def decode(batch_indices, destination, metadata, storage_state):
+            count = len(batch_indices)
+            flat = destination.reshape(-1)
+            epoch = numba.carray(_address_as_pointer(epoch_address), (1,), np.int64)[0]
+            # View v of sample i starts at (bytes of the views before v) * count + i * bytes(v).
+            starts = np.zeros(view_bytes.shape[0], np.int64)
+            for v in range(1, view_bytes.shape[0]):
+                starts[v] = starts[v - 1] + view_bytes[v - 1] * count
+            for i in loop(count):
+                index = batch_indices[i]
+                field = metadata[index]
+                data = mem_read(field["data_ptr"], storage_state)
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
+                state = sample_stream(seed, np.uint64(epoch), np.uint64(index))
+                offsets = starts + i * view_bytes
+                # Two calls rather than one variable: decoded and raw pixels differ in type.
+                if field["mode"] == jpeg:
+                    image = np.empty(height * width * 3, np.uint8)
+                    _imdecode(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    cut_views(image, height, width, state, sizes, scales, log_ratio, flip_p, flat,
+                              offsets, view_bytes)
+                else:
+                    cut_views(data, height, width, state, sizes, scales, log_ratio, flip_p, flat,
+                              offsets, view_bytes)
+            return destination[:count]
+
+        decode.is_parallel = True
+        return decode
+
+
+def split_views(flat: torch.Tensor, batch_size: int, global_number: int, global_size: int,
+                local_number: int, local_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The decoder's view-major bytes as ``[Vg·B, 3, H, W]`` (and local) channels-last views."""
+    flat = flat.reshape(-1)
+    n_global = global_number * batch_size * global_size * global_size * 3
+    global_views = flat[:n_global].view(global_number * batch_size, global_size, global_size, 3)
+    local_views = None
+    if local_number:
+        local_views = flat[n_global:].view(local_number * batch_size, local_size, local_size, 3)
+        local_views = local_views.permute(0, 3, 1, 2)
+    return global_views.permute(0, 3, 1, 2), local_views
+
+
+class _ShardOrder:
+    """Per-epoch sample order of this rank, in the shape FFCV's loader asks for.
+
+    ``random``: the torchvision backend's rule (a permutation from (seed, epoch), rank r
+    takes positions r, r + world, ...). ``quasi_random``: FFCV's page-aware order, drawn
+    identically on every rank from (seed, epoch), and rank r takes the r-th contiguous
+    block of it: a block touches mostly its own pages, so ranks on one node do not each
+    read the whole dataset. Either way every rank gets the same number of whole batches.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int,
+                 quasi_random=None):
+        self.sampler = EpochShardSampler(num_samples, batch_size, rank, world, seed)
+        self.quasi_random = quasi_random
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world = world
+
+    def set_epoch(self, epoch: int, start_batch: int) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def sample_order(self, _ffcv_epoch: int) -> np.ndarray:
+        sampler = self.sampler
+        if self.quasi_random is None:
+            return np.fromiter((index for index, _ in sampler), dtype=np.int64)
+        order = self.quasi_random.sample_order(sampler.epoch)
+        start = self.rank * (self.num_samples // self.world)
+        block = order[start : start + sampler.batches_per_epoch * self.batch_size]
+        return np.ascontiguousarray(block[sampler.start_batch * self.batch_size :], dtype=np.int64)
+
+
+class FFCVLoader:
+    """The producer stage over a .beton file: uint8 multi-crop batches on ``device``.
+
+    Yields :class:`MultiCropBatch` of uint8 ``[V·B, 3, H, W]`` channels-last views (not
+    colour-augmented, not normalised) and int64 labels. ``data.num_workers`` is the number
+    of FFCV worker threads (0 counts as 1).
+
+    The views live in FFCV's batch buffers, which it reuses a few batches later: with
+    ``copy=False`` a batch is valid until the next one is requested (enough for an
+    augmentation stage that reads it at once); ``copy=True`` hands out owned tensors.
+    """
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, copy: bool = True):
+        from ffcv.fields.decoders import IntDecoder
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.transforms import ToDevice, ToTensor
+        from ffcv.traversal_order import QuasiRandom
+
+        path = Path(cfg.data.path)
+        if not path.exists():
+            raise DataPathError(
+                f"data path {path} does not exist (data.backend=ffcv reads a .beton file; "
+                "make one with tools/convert_imagenet_ffcv.py)"
+            )
+        if not path.is_file():
+            raise DataPathError(
+                f"data path {path} is not a file: data.backend=ffcv reads a .beton file; convert "
+                f"the image folder with `python tools/convert_imagenet_ffcv.py {path} OUT.beton`"
+            )
+        crops = cfg.crops
+        self.crops = crops
+        self.batch_size = cfg.data.batch_size
+        self.device = device
+        self.copy = copy
+        views = [(crops.global_size, crops.global_scale)] * crops.global_number + [
+            (crops.local_size, crops.local_scale)
+        ] * crops.local_number
+        self.decoder = MultiCropDecoder(views, crops.ratio, cfg.train.seed)
+        image_pipeline = [self.decoder, ToTensor()]
+        label_pipeline = [IntDecoder(), ToTensor()]
+        if device.type == "cuda":
+            image_pipeline.append(ToDevice(device, non_blocking=True))
+            label_pipeline.append(ToDevice(device, non_blocking=True))
+        try:
+            self.loader = Loader(
+                str(path),
+                batch_size=self.batch_size,
+                num_workers=max(1, cfg.data.num_workers),
+                os_cache=cfg.data.ffcv_os_cache,
+                order=OrderOption.SEQUENTIAL,
+                seed=cfg.train.seed,
+                pipelines={"image": image_pipeline, "label": label_pipeline},
+                drop_last=True,
+                batches_ahead=max(1, cfg.data.prefetch_factor),
+            )
+        except (AssertionError, ValueError, OSError) as error:
+            raise DataPathError(f"data path {path} is not a readable FFCV .beton file ({error})") from error
+        fields = set(self.loader.reader.handlers)
+        if not {"image", "label"} <= fields:
+            raise DataPathError(
+                f"{path} has fields {sorted(fields)}; carp_fast needs 'image' (RGBImageField) and "
+                "'label' (IntField), as tools/convert_imagenet_ffcv.py writes"
+            )
+        self.num_samples = int(self.loader.reader.num_samples)
+        quasi = QuasiRandom(self.loader) if cfg.data.ffcv_order == "quasi_random" else None
+        self.order = _ShardOrder(
+            self.num_samples, self.batch_size, rank, world, cfg.train.seed, quasi
+        )
+        # FFCV asks its traversal order for each epoch's indices; ours shards by rank and
+        # follows set_epoch rather than FFCV's own epoch counter.
+        self.loader.traversal_order = self.order
+        self.epoch = 0
+
+    @property
+    def num_images(self) -> int:
+        return self.num_samples
+
+    def __len__(self) -> int:
+        return self.order.sampler.batches_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.order.set_epoch(epoch, start_batch)
+
+    def __iter__(self):
+        crops = self.crops
+        self.decoder.set_epoch(self.epoch)
+        epoch_iterator = iter(self.loader)
+        try:
+            for images, labels in epoch_iterator:
+                global_views, local_views = split_views(
+                    images, labels.shape[0], crops.global_number, crops.global_size,
+                    crops.local_number, crops.local_size,
+                )
+                if self.copy:
+                    global_views = global_views.clone()
+                    local_views = None if local_views is None else local_views.clone()
+                yield MultiCropBatch(global_views, local_views, labels.reshape(-1).to(torch.int64, copy=True))
+        finally:
+            _stop(epoch_iterator)
+
+
+def _stop(epoch_iterator) -> None:
+    """Stop FFCV's producer thread of an abandoned epoch before another one starts.
+
+    FFCV's thread only notices the stop request when its queue is full; wait for it, so
+    two producers never run compiled parallel code at once.
+    """
+    epoch_iterator.close()
+    if epoch_iterator.is_alive():
+        epoch_iterator.join(timeout=60)
+        if epoch_iterator.is_alive():
+            log.warning("FFCV producer thread did not stop within 60 s")
