@@ -29,8 +29,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    backend: Literal["torchvision", "ffcv", "dali"] = "torchvision"
-    """Loader backend: `torchvision` (the published recipe on CPU workers), `ffcv` or `dali`."""
+    backend: Literal["torchvision", "ffcv", "dali", "synthetic"] = "torchvision"
+    """Loader backend: `torchvision` (the published recipe on CPU workers), `ffcv`, `dali`, or `synthetic` (one random batch on the device, for measuring compute alone)."""
     path: str = "data/demo/train"
     """Training data: an ImageFolder tree (torchvision, dali) or a .beton file (ffcv). Relative paths are taken from the working directory."""
     batch_size: int = 32

@@ -80,7 +80,8 @@ PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class Trainer:
     """Owns the models, optimiser, loader and run directory of one process."""
 
-    def __init__(self, cfg: Config, env: distributed.DistEnv | None = None):
+    def __init__(self, cfg: Config, env: distributed.DistEnv | None = None, loader=None):
+        """``loader`` replaces the one ``cfg.data`` describes (profiling, synthetic data)."""
         self.cfg = cfg
         self.env = env or distributed.DistEnv(0, 1, 0)
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
@@ -97,7 +98,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.loader = build_loader(cfg, self.device, dtype=self.amp_dtype)
+        self.loader = loader if loader is not None else build_loader(cfg, self.device, dtype=self.amp_dtype)
         accumulation = cfg.train.accumulation_steps
         self.steps_per_epoch = len(self.loader) // accumulation
         if self.steps_per_epoch == 0:
@@ -156,6 +157,7 @@ class Trainer:
         self.metrics_file = None
         self.tensorboard = None
         self.stop_requested = False  # set by the preemption signal handler, nothing else
+        self.phase_timer = None  # a profiling.PhaseTimer while being profiled
         self.skipped_total = 0
 
     # ----------------------------------------------------------------------------- state
@@ -265,11 +267,14 @@ class Trainer:
                         teacher_logits = self.teacher(
                             batch.global_views, None, partition, num_views=num_teacher
                         )
+                self._mark("forward")
                 consistency, entropy = carp_loss(
                     student_logits, teacher_logits, cfg.model.partition_size, impl=cfg.train.loss_impl
                 )
                 loss = (consistency + entropy) / len(batches)
+                self._mark("loss")
                 self.scaler.scale(loss).backward()
+                self._mark("backward")
             finite = finite & torch.isfinite(loss.detach())
             consistency_sum = consistency.detach() if consistency_sum is None else consistency_sum + consistency.detach()
             entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
@@ -279,10 +284,15 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.ema_teacher, self.ema_student, momentum)
+        self._mark("optimizer")
         self.step += 1
         return StepOutput(
             consistency_sum / len(batches), entropy_sum / len(batches), 1.0 - keep.float()
         )
+
+    def _mark(self, phase: str) -> None:
+        if self.phase_timer is not None:
+            self.phase_timer.mark(phase)
 
     def _agree_keep(self, finite: torch.Tensor) -> torch.Tensor:
         """Whether every rank's loss was finite, as a device tensor (no host sync).

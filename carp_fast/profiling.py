@@ -1,0 +1,139 @@
+"""Measuring: per-phase step timing, and the machine/version record every benchmark carries."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class PhaseTimer:
+    """Splits steps into named phases: CUDA events on GPU, wall clock on CPU.
+
+    ``start()`` opens a step, each ``mark(phase)`` closes the phase that ran since the
+    previous mark. On GPU nothing is read until :meth:`totals`, so timing adds no host
+    sync inside the step; CPU timings are exact because CPU work is synchronous.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+        self._totals: dict[str, float] = defaultdict(float)
+        self.steps = 0
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._marks.append(("", self._now()))
+
+    def mark(self, phase: str) -> None:
+        self._marks.append((phase, self._now()))
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per phase over all steps (synchronises the GPU once)."""
+        if self.cuda and self._marks:
+            torch.cuda.synchronize()
+        previous = None
+        for phase, stamp in self._marks:
+            if phase and previous is not None:
+                if self.cuda:
+                    self._totals[phase] += previous.elapsed_time(stamp) / 1000
+                else:
+                    self._totals[phase] += stamp - previous
+            previous = stamp
+        self._marks = []
+        return dict(self._totals)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return result.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def machine_info() -> dict:
+    """CPU model and cores, memory, and the GPU with its driver when there is one."""
+    info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["gpu_count"] = torch.cuda.device_count()
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            info["driver"] = None
+    return info
+
+
+def versions() -> dict:
+    """Versions of everything that decides speed; absent optional backends are null."""
+    import torchvision
+
+    found = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    }
+    for name, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali"), ("numba", "numba")):
+        try:
+            found[name] = __import__(module, fromlist=["__version__"]).__version__
+        except Exception:  # absent, or broken in this environment: record as missing
+            found[name] = None
+    return found
+
+
+def run_record(argv: list[str] | None = None) -> dict:
+    """What every benchmark JSON starts with: command, commit, machine, versions."""
+    argv = sys.argv if argv is None else argv
+    return {
+        "command": "python " + " ".join(shlex.quote(a) for a in argv),
+        "commit": git_commit(),
+        "machine": machine_info(),
+        "versions": versions(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
