@@ -32,7 +32,7 @@ class DataConfig:
     backend: Literal["torchvision", "ffcv", "dali", "synthetic"] = "torchvision"
     """Loader backend: `torchvision` (the published recipe on CPU workers), `ffcv`, `dali`, or `synthetic` (one random batch on the device, for measuring compute alone)."""
     path: str = "data/demo/train"
-    """Training data: an ImageFolder tree (torchvision, dali) or a .beton file (ffcv). Relative paths are taken from the working directory."""
+    """Training data: an ImageFolder tree (torchvision, dali), a folder of webdataset .tar shards with their DALI .idx files (dali; make them with tools/make_webdataset_shards.py), or a .beton file (ffcv). Relative paths are taken from the working directory."""
     batch_size: int = 32
     """Images per process per step (before gradient accumulation)."""
     num_workers: int = 2
