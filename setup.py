@@ -104,7 +104,17 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # DALI and FFCV in the test extra so CI runs their tests (DALI's CPU-only pipelines);
+        # Linux only. FFCV builds from source against the apt packages that
+        # tools/install_system_deps.sh installs (it works with --no-build-isolation), and
+        # brings opencv-python itself.
+        "test": [
+            "pytest>=7",
+            "nvidia-dali-cuda120; platform_system == 'Linux'",
+            "ffcv>=1.0; platform_system == 'Linux'",
+            "numba>=0.57; platform_system == 'Linux'",
+            "timm",
+        ],
         "ffcv": ["ffcv>=1.0", "numba>=0.57", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda120"],
         "tensorboard": ["tensorboard"],

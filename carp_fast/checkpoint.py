@@ -8,6 +8,7 @@ config as a nested dict) and ``rng`` states.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -188,10 +189,13 @@ def _load_published(path: Path, map_location) -> dict[str, Any]:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
         text = str(error)
-        if "Unsupported global" in text or "weights_only" in text.lower():
+        if "Unsupported global" in text or "Weights only load failed" in text:
+            culprit = next(
+                (line.strip() for line in text.splitlines() if "Unsupported global" in line), ""
+            )
             raise CheckpointError(
                 f"cannot read {path} with weights_only=True: it pickles Python objects other "
-                f"than tensors and plain values ({text.splitlines()[-1] if text else error}). "
+                f"than tensors and plain values{' (' + culprit + ')' if culprit else ''}. "
                 "Re-save it from a trusted environment as a dict of state dicts, e.g. "
                 "torch.save({'student': ckpt['student'], 'teacher': ckpt['teacher']}, out)"
             ) from error
@@ -251,7 +255,7 @@ def read_weights(path: str | Path, map_location: str | torch.device = "cpu") -> 
         }
 
     state = _load_published(path, map_location)
-    if state.get("format", "").startswith("carp_fast/") or (
+    if str(state.get("format", "")).startswith("carp_fast/") or (
         isinstance(state.get("config"), dict) and "model" in state["config"]
     ):
         config = state.get("config")
@@ -325,39 +329,48 @@ def _resnet_names() -> list[str]:
     )
 
 
-def infer_arch(backbone: dict[str, torch.Tensor]) -> str | None:
-    """The torchvision ResNet whose keys and shapes (fc aside) match ``backbone``, if any."""
+@functools.lru_cache(maxsize=None)
+def _arch_shapes(name: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     import torchvision.models as tvm
 
+    # Meta tensors: shapes without allocating or initialising a single weight.
+    with torch.device("meta"):
+        model = getattr(tvm, name)(weights=None)
+    return tuple(
+        (k, tuple(v.shape)) for k, v in model.state_dict().items() if not k.startswith("fc.")
+    )
+
+
+def infer_arch(backbone: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision ResNet whose keys and shapes (fc aside) match ``backbone``, if any."""
     shapes = {k: tuple(v.shape) for k, v in backbone.items() if not k.startswith("fc.")}
     for name in _resnet_names():
-        # Meta tensors: shapes without allocating or initialising a single weight.
-        with torch.device("meta"):
-            model = getattr(tvm, name)(weights=None)
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("fc.")}
-        if own == shapes:
+        if dict(_arch_shapes(name)) == shapes:
             return name
     return None
 
 
-def _arch_hint(backbone: dict[str, torch.Tensor], expected: str | None) -> str:
+def _arch_hint(backbone: dict[str, torch.Tensor], expected: str | None, cli: bool = False) -> str:
     found = infer_arch(backbone)
     if found is None:
         return "\n  these weights match no torchvision ResNet (fc aside)"
     if found == expected:
         return ""
     target = f", the model is a {expected}" if expected else ""
-    return f"\n  these weights are a {found} backbone{target}"
+    advice = f" (pass --arch {found} to use them as one)" if cli else ""
+    return f"\n  these weights are a {found} backbone{target}{advice}"
 
 
 def check_backbone(
-    backbone: dict[str, torch.Tensor], model: torch.nn.Module, arch: str, what: str
+    backbone: dict[str, torch.Tensor], model: torch.nn.Module, arch: str, what: str, source: str = ""
 ) -> None:
     """:func:`check_compatible` for a backbone, naming the architecture the weights are."""
     try:
         check_compatible(backbone, model, what)
     except CheckpointError as error:
-        raise CheckpointError(f"{error}{_arch_hint(backbone, arch)}") from None
+        message = str(error).replace("this model", f"a {arch}", 1)
+        prefix = f"{source}: " if source else ""
+        raise CheckpointError(f"{prefix}{message}{_arch_hint(backbone, arch, cli=True)}") from None
 
 
 def init_from_weights(
