@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from carp_fast import profiling  # noqa: E402
 
 
 def rss_mib(pid: int) -> float | None:
@@ -46,6 +48,34 @@ def children(pid: int) -> list[int]:
         if parent == pid:
             found.append(int(task.name))
     return found
+
+
+def summarise(samples: list[dict], records: list[dict], warmup_steps: int) -> dict:
+    """RSS growth per rank from the end of warm-up to the last sample, and speed spread."""
+    # Samples taken while both workers were alive, after warm-up.
+    steady = [s for s in samples if s["step"] >= warmup_steps and len(s["rss_mib"]) == 2
+              and all(s["rss_mib"])]
+    growth = []
+    if len(steady) >= 2:
+        growth = [round(b - a, 1) for a, b in zip(steady[0]["rss_mib"], steady[-1]["rss_mib"])]
+    speeds = [r["images_per_s"] for r in records if r["step"] > warmup_steps]
+    quarter = max(len(speeds) // 4, 1)
+    return {
+        "steps": records[-1]["step"],
+        "warmup_steps": warmup_steps,
+        "rss_growth_after_warmup_mib_per_rank": growth,
+        "rss_after_warmup_mib": steady[0]["rss_mib"] if steady else None,
+        "rss_end_mib": steady[-1]["rss_mib"] if steady else None,
+        "rss_max_after_warmup_mib": [max(s["rss_mib"][r] for s in steady) for r in range(2)] if steady else None,
+        "images_per_s": {
+            "median": statistics.median(speeds) if speeds else None,
+            "min": min(speeds) if speeds else None,
+            "max": max(speeds) if speeds else None,
+            "first_quarter_median": statistics.median(speeds[:quarter]) if speeds else None,
+            "last_quarter_median": statistics.median(speeds[-quarter:]) if speeds else None,
+        },
+        "rss_samples": samples,
+    }
 
 
 def main() -> int:
@@ -98,33 +128,12 @@ def main() -> int:
         return 1
 
     records = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-    after_warmup = [s for s in samples if s["step"] >= args.warmup_steps and all(s["rss_mib"])]
-    per_rank_growth = []
-    if len(after_warmup) >= 2:
-        first, last = after_warmup[0], after_warmup[-1]
-        per_rank_growth = [round(b - a, 1) for a, b in zip(first["rss_mib"], last["rss_mib"])]
-    speeds = [r["images_per_s"] for r in records if r["step"] > args.warmup_steps]
     result = {
         "what": "2-process DDP (gloo) soak of the demo recipe on CPU",
-        "command": " ".join(["python", "tools/soak.py", *sys.argv[1:]]),
+        **profiling.run_record(["tools/soak.py", *sys.argv[1:]]),
         "train_command": " ".join(command[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-        "versions": {"python": platform.python_version(), "torch": __import__("torch").__version__},
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
-        "steps": records[-1]["step"],
         "wall_s": round(time.time() - started, 1),
-        "rss_growth_after_warmup_mib_per_rank": per_rank_growth,
-        "rss_after_warmup_mib": after_warmup[0]["rss_mib"] if after_warmup else None,
-        "rss_end_mib": after_warmup[-1]["rss_mib"] if after_warmup else None,
-        "images_per_s": {
-            "median": statistics.median(speeds) if speeds else None,
-            "min": min(speeds) if speeds else None,
-            "max": max(speeds) if speeds else None,
-            "first_quarter_median": statistics.median(speeds[: max(len(speeds) // 4, 1)]) if speeds else None,
-            "last_quarter_median": statistics.median(speeds[-max(len(speeds) // 4, 1):]) if speeds else None,
-        },
-        "rss_samples": samples,
+        **summarise(samples, records, args.warmup_steps),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
