@@ -36,13 +36,13 @@ class DataConfig:
     batch_size: int = 32
     """Images per process per step (before gradient accumulation)."""
     num_workers: int = 2
-    """Loader worker processes (threads for DALI) per training process."""
+    """Loader worker processes (threads for FFCV and DALI) per training process."""
     pin_memory: bool = True
     """Pin host batches so the copy to the GPU overlaps compute (ignored on CPU)."""
     persistent_workers: bool = True
     """Keep loader workers alive across epochs."""
     prefetch_factor: int = 2
-    """Batches each worker prepares ahead."""
+    """Batches each worker prepares ahead (FFCV: batches prepared ahead in all)."""
     generate_demo: bool = False
     """Generate the embedded demo dataset at `path` if it does not exist yet."""
     ffcv_os_cache: bool = True

@@ -14,12 +14,20 @@ __all__ = ["MultiCropBatch", "DataPathError", "build_loader", "DeviceLoader", "p
 
 
 class DeviceLoader:
-    """Wraps a backend: sets the epoch and yields batches on the training device."""
+    """Wraps a backend: sets the epoch and yields batches on the training device.
 
-    def __init__(self, backend, device: torch.device, dtype: torch.dtype | None):
+    For a two-stage backend, ``augment`` (a :class:`~carp_fast.data.augment.MultiCropAugment`)
+    turns the producer's uint8 views into augmented, normalised ones on the device, with
+    the draws of (epoch, batch index in the epoch), so a resumed epoch repeats them.
+    """
+
+    def __init__(self, backend, device: torch.device, dtype: torch.dtype | None, augment=None):
         self.backend = backend
         self.device = device
         self.dtype = dtype
+        self.augment = augment
+        self.epoch = 0
+        self.start_batch = 0
 
     @property
     def num_images(self) -> int:
@@ -29,11 +37,18 @@ class DeviceLoader:
         return len(self.backend)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch = epoch
+        self.start_batch = start_batch
         self.backend.set_epoch(epoch, start_batch)
 
     def __iter__(self):
-        for batch in self.backend:
-            yield to_device(batch, self.device, self.dtype)
+        if self.augment is None:
+            for batch in self.backend:
+                yield to_device(batch, self.device, self.dtype)
+            return
+        for step, batch in enumerate(self.backend, start=self.start_batch):
+            batch = to_device(batch, self.device)
+            yield self.augment(batch, self.epoch, step, self.dtype)
 
 
 def prepare_data(cfg: Config) -> None:
@@ -70,6 +85,10 @@ def build_loader(
     world = distributed.world_size() if world is None else world
     prepare_data(cfg)
     backend_name = cfg.data.backend
+    if backend_name == "synthetic":
+        from carp_fast.data.synthetic import SyntheticLoader
+
+        return SyntheticLoader(cfg, device, dtype)
     if backend_name == "torchvision":
         from carp_fast.data.torchvision_loader import TorchvisionLoader
 
@@ -77,6 +96,24 @@ def build_loader(
             cfg, rank, world, pin_memory=cfg.data.pin_memory and device.type == "cuda",
             augment=device_augment,
         )
+    elif backend_name == "ffcv":
+        from carp_fast.data.augment import MultiCropAugment
+        from carp_fast.data.ffcv_loader import FFCVLoader
+
+        # Without the augmentation stage the caller keeps the uint8 batches, so they must
+        # not live in FFCV's recycled buffers; the augmentation stage reads them at once.
+        backend = FFCVLoader(cfg, rank, world, device, copy=not device_augment)
+        augment = MultiCropAugment.from_config(cfg, rank) if device_augment else None
+        return DeviceLoader(backend, device, dtype, augment)
+    elif backend_name == "dali":
+        from carp_fast.data.augment import MultiCropAugment
+        from carp_fast.data.dali_loader import DALILoader
+
+        # Decoded and cropped on `device` (nvJPEG and CUDA kernels, or CPU threads); every
+        # batch is a fresh tensor, so the producer's output needs no copy when kept.
+        backend = DALILoader(cfg, rank, world, device)
+        augment = MultiCropAugment.from_config(cfg, rank) if device_augment else None
+        return DeviceLoader(backend, device, dtype, augment)
     else:
         raise NotImplementedError(f"data.backend={backend_name!r} is not available yet")
     return DeviceLoader(backend, device, dtype)

@@ -12,12 +12,21 @@ generator inside the compiled code: crops do not depend on thread count or sched
 and a resumed run sees the crops it would have seen. The sample order uses the
 torchvision backend's sharding rule (:class:`EpochShardSampler`), so both backends give
 every rank the same images in the same order for the same seed and epoch.
+
+A pitfall shapes the compiled code: each FFCV ``Loader`` marks numba's shared type
+objects for 1-D/2-D uint8 and 1-D uint64/uint32 contiguous arrays read-only in place
+(``OSCacheManager.state_type`` and ``ProcessCacheManager.state_type``), which changes
+their hash and corrupts the overload table of any long-lived compiled function that was
+called with such arrays. The module-level kernels here, compiled once per process, are
+therefore only ever called with scalars, addresses, int64/float arrays and 3-D uint8
+arrays; the small per-loader function FFCV compiles gathers the addresses.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,19 +53,33 @@ try:
 except ImportError as error:  # pragma: no cover - exercised only without numba
     raise ImportError(MISSING_FFCV) from error
 
+# Importing FFCV sets torch to one thread (ffcv.pipeline.compiler does at import); the
+# training process keeps its own setting.
+_torch_threads = torch.get_num_threads()
 try:
     from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-    from ffcv.libffcv import imdecode
+    from ffcv.libffcv import ctypes_imdecode
     from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
     from ffcv.pipeline.state import State
 except ImportError as error:  # pragma: no cover - exercised only without ffcv
     raise ImportError(MISSING_FFCV) from error
+finally:
+    torch.set_num_threads(_torch_threads)
 
 log = logging.getLogger(__name__)
 
 _JPEG_MODE = IMAGE_MODES["jpg"]
-_imdecode = njit(nogil=True)(imdecode)
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address):
+    """An integer address as a void pointer, to view memory owned elsewhere."""
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(address), codegen
+
 
 # ---------------------------------------------------------------------------------------
 # Counter-based random numbers (splitmix64): a stream per (seed, epoch, sample), so draws
@@ -69,14 +92,14 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 _INV_2_53 = 1.0 / 9007199254740992.0
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _mix(z):
     z = (z ^ (z >> _S30)) * _MUL1
     z = (z ^ (z >> _S27)) * _MUL2
     return z ^ (z >> _S31)
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def sample_stream(seed, epoch, index):
     """The initial state of the random stream of one sample in one epoch."""
     state = _mix(np.uint64(seed) + _GOLDEN)
@@ -84,14 +107,14 @@ def sample_stream(seed, epoch, index):
     return _mix(state ^ (np.uint64(index) + _GOLDEN))
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def _uniform(state):
     """``(u, next_state)`` with u uniform in [0, 1)."""
     state = state + _GOLDEN
     return float(_mix(state) >> _S11) * _INV_2_53, state
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True)
 def sample_crop_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, state):
     """``(top, left, crop_h, crop_w, state)`` drawn as torchvision's RandomResizedCrop does.
 
@@ -129,7 +152,7 @@ def sample_crop_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_h
 # (PIL's antialiased BILINEAR), so 400 px regions shrunk to 96 px do not alias.
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=True)
 def _taps(start, length, out_size, limit, flip):
     """Source index of the first tap, tap count and weights of every output pixel.
 
@@ -163,14 +186,17 @@ def _taps(start, length, out_size, limit, flip):
     return first, count, weights
 
 
-@njit(nogil=True, fastmath=True, cache=True)
-def resize_crop(image, height, width, top, left, crop_h, crop_w, out, out_size, flip):
-    """Resample the box of the flat HWC ``image`` into the flat ``out`` (size² × 3).
+@njit(nogil=True, fastmath=True)
+def resize_crop(image, top, left, crop_h, crop_w, out, flip):
+    """Resample the box of the HWC uint8 ``image`` into the square HWC ``out``.
 
     Both passes run over contiguous memory, which the compiler vectorises: the vertical
     pass accumulates whole source rows and stores its result transposed, so the
     horizontal pass is again a sum of whole rows.
     """
+    height, width = image.shape[0], image.shape[1]
+    out_size = out.shape[0]
+    pixels = image.reshape(-1)
     fy, cy, wy = _taps(top, crop_h, out_size, height, False)
     fx, cx, wx = _taps(left, crop_w, out_size, width, flip)
     col_lo = width
@@ -189,7 +215,7 @@ def resize_crop(image, height, width, top, left, crop_h, crop_w, out, out_size, 
         for t in range(cy[o]):
             w = wy[o, t]
             src = ((fy[o] + t) * width + col_lo) * 3
-            row = image[src : src + cols * 3]
+            row = pixels[src : src + cols * 3]
             for k in range(cols * 3):
                 acc[k] += w * np.float32(row[k])
         for c in range(cols):
@@ -208,32 +234,54 @@ def resize_crop(image, height, width, top, left, crop_h, crop_w, out, out_size, 
         for r in range(out_size):
             for ch in range(3):
                 v = column[r * 3 + ch] + half
-                out[(r * out_size + o) * 3 + ch] = 0 if v < 0 else (255 if v >= 255 else np.uint8(v))
+                out[r, o, ch] = 0 if v < 0 else (255 if v >= 255 else np.uint8(v))
 
 
-@njit(nogil=True, fastmath=True, cache=True)
-def cut_views(image, height, width, state, sizes, scales, log_ratio, flip_p, out, offsets, strides):
-    """All crops of one decoded image, each written at ``offsets[v]`` of flat ``out``.
+@njit(nogil=True, fastmath=True)
+def cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets):
+    """All crops of one decoded HWC image; view v goes to ``destination + offsets[v]``.
 
     Every view draws its box, then its flip, from the sample's stream in view order.
     """
+    height, width = image.shape[0], image.shape[1]
     for v in range(sizes.shape[0]):
         top, left, crop_h, crop_w, state = sample_crop_box(
             height, width, scales[v, 0], scales[v, 1], log_ratio[0], log_ratio[1], state
         )
         u, state = _uniform(state)
-        view = out[offsets[v] : offsets[v] + strides[v]]
-        resize_crop(image, height, width, top, left, crop_h, crop_w, view, sizes[v], u < flip_p)
+        size = sizes[v]
+        view = numba.carray(_address_as_pointer(destination + offsets[v]), (size, size, 3), np.uint8)
+        resize_crop(image, top, left, crop_h, crop_w, view, u < flip_p)
 
 
-@intrinsic
-def _address_as_pointer(typingctx, address):
-    """An integer address as a void pointer, to read a host cell from compiled code."""
+@njit(nogil=True, parallel=True)
+def cut_batch(addresses, nbytes, modes, heights, widths, indices, destination, seed, epoch,
+              sizes, scales, log_ratio, flip_p):
+    """Decode each sample once and cut its views, in parallel over the batch.
 
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], cgutils.voidptr_t)
-
-    return types.voidptr(address), codegen
+    Sample i's encoded bytes are at ``addresses[i]``; the batch buffer at ``destination``
+    receives the views view-major: view v of sample i starts at
+    (bytes of views before v) · count + i · bytes(v).
+    """
+    count = addresses.shape[0]
+    view_bytes = sizes * sizes * 3
+    starts = np.zeros(sizes.shape[0], np.int64)
+    for v in range(1, sizes.shape[0]):
+        starts[v] = starts[v - 1] + view_bytes[v - 1] * count
+    for i in numba.prange(count):
+        height, width = heights[i], widths[i]
+        state = sample_stream(seed, epoch, np.uint64(indices[i]))
+        offsets = starts + i * view_bytes
+        if modes[i] == _JPEG_MODE:
+            image = np.empty((height, width, 3), np.uint8)
+            ctypes_imdecode(
+                _address_as_pointer(addresses[i]), nbytes[i], height, width,
+                _address_as_pointer(image.ctypes.data), height, width, 0, 0, 1, 1, False, False,
+            )
+            cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets)
+        else:
+            raw = numba.carray(_address_as_pointer(addresses[i]), (height, width, 3), np.uint8)
+            cut_views(raw, state, sizes, scales, log_ratio, flip_p, destination, offsets)
 
 
 class MultiCropDecoder(SimpleRGBImageDecoder):
@@ -269,42 +317,36 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         return replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype)
 
     def generate_code(self):
+        # FFCV compiles this per loader; it only gathers where each sample's bytes are
+        # (the memory manager decides) and hands over to the process-wide cut_batch.
         mem_read = self.memory_read
-        loop = Compiler.get_iterator()
         sizes, scales, log_ratio = self.sizes, self.scales, self.log_ratio
-        view_bytes = self.view_bytes
         seed, flip_p = np.uint64(self.seed), self.flip_p
         epoch_address = self.epoch_cell.ctypes.data
-        jpeg = _JPEG_MODE
 
         def decode(batch_indices, destination, metadata, storage_state):
             count = len(batch_indices)
-            flat = destination.reshape(-1)
-            epoch = numba.carray(_address_as_pointer(epoch_address), (1,), np.int64)[0]
-            # View v of sample i starts at (bytes of the views before v) * count + i * bytes(v).
-            starts = np.zeros(view_bytes.shape[0], np.int64)
-            for v in range(1, view_bytes.shape[0]):
-                starts[v] = starts[v - 1] + view_bytes[v - 1] * count
-            for i in loop(count):
+            addresses = np.empty(count, np.int64)
+            nbytes = np.empty(count, np.int64)
+            modes = np.empty(count, np.int64)
+            heights = np.empty(count, np.int64)
+            widths = np.empty(count, np.int64)
+            indices = np.empty(count, np.int64)
+            for i in range(count):
                 index = batch_indices[i]
                 field = metadata[index]
                 data = mem_read(field["data_ptr"], storage_state)
-                height = np.int64(field["height"])
-                width = np.int64(field["width"])
-                state = sample_stream(seed, np.uint64(epoch), np.uint64(index))
-                offsets = starts + i * view_bytes
-                # Two calls rather than one variable: decoded and raw pixels differ in type.
-                if field["mode"] == jpeg:
-                    image = np.empty(height * width * 3, np.uint8)
-                    _imdecode(data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                    cut_views(image, height, width, state, sizes, scales, log_ratio, flip_p, flat,
-                              offsets, view_bytes)
-                else:
-                    cut_views(data, height, width, state, sizes, scales, log_ratio, flip_p, flat,
-                              offsets, view_bytes)
+                addresses[i] = data.ctypes.data
+                nbytes[i] = data.size
+                modes[i] = field["mode"]
+                heights[i] = field["height"]
+                widths[i] = field["width"]
+                indices[i] = index
+            epoch = numba.carray(_address_as_pointer(epoch_address), (1,), np.int64)[0]
+            cut_batch(addresses, nbytes, modes, heights, widths, indices, destination.ctypes.data,
+                      seed, np.uint64(epoch), sizes, scales, log_ratio, flip_p)
             return destination[:count]
 
-        decode.is_parallel = True
         return decode
 
 
@@ -347,10 +389,27 @@ class _ShardOrder:
         sampler = self.sampler
         if self.quasi_random is None:
             return np.fromiter((index for index, _ in sampler), dtype=np.int64)
-        order = self.quasi_random.sample_order(sampler.epoch)
+        order = self._quasi_random_order(sampler.epoch)
         start = self.rank * (self.num_samples // self.world)
         block = order[start : start + sampler.batches_per_epoch * self.batch_size]
         return np.ascontiguousarray(block[sampler.start_batch * self.batch_size :], dtype=np.int64)
+
+    def _quasi_random_order(self, epoch: int) -> np.ndarray:
+        """FFCV's QuasiRandom order of the whole dataset for (seed, epoch).
+
+        FFCV's own ``sample_order`` shuffles its page table in place, so its result
+        depends on how many epochs the process drew before; a resumed rank would then
+        disagree with the others. Drawing from a copy makes it a function of the epoch.
+        """
+        from ffcv.traversal_order.quasi_random import generate_order_inner
+
+        quasi = self.quasi_random
+        order = np.zeros(len(quasi.indices), dtype=np.int64)
+        generate_order_inner(
+            self.sampler.seed * 912300 + epoch, quasi.page_to_samples_array.copy(),
+            quasi.page_sizes, order, 2 * self.batch_size,
+        )
+        return order
 
 
 class FFCVLoader:
@@ -367,7 +426,7 @@ class FFCVLoader:
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device, copy: bool = True):
         from ffcv.fields.decoders import IntDecoder
-        from ffcv.loader import Loader, OrderOption
+        from ffcv.loader import OrderOption
         from ffcv.transforms import ToDevice, ToTensor
         from ffcv.traversal_order import QuasiRandom
 
@@ -396,11 +455,22 @@ class FFCVLoader:
         if device.type == "cuda":
             image_pipeline.append(ToDevice(device, non_blocking=True))
             label_pipeline.append(ToDevice(device, non_blocking=True))
+        # Worker threads are numba's, which cannot exceed its pool (the core count).
+        workers = max(1, cfg.data.num_workers)
+        if workers > numba.config.NUMBA_NUM_THREADS:
+            log.warning(
+                "data.num_workers=%d exceeds the %d threads numba can run here; using %d",
+                workers, numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS,
+            )
+            workers = numba.config.NUMBA_NUM_THREADS
+        # FFCV sets torch's thread count to its worker count on the way; the training
+        # process keeps its own.
+        torch_threads = torch.get_num_threads()
         try:
-            self.loader = Loader(
+            self.loader = _loader_class()(
                 str(path),
                 batch_size=self.batch_size,
-                num_workers=max(1, cfg.data.num_workers),
+                num_workers=workers,
                 os_cache=cfg.data.ffcv_os_cache,
                 order=OrderOption.SEQUENTIAL,
                 seed=cfg.train.seed,
@@ -410,6 +480,8 @@ class FFCVLoader:
             )
         except (AssertionError, ValueError, OSError) as error:
             raise DataPathError(f"data path {path} is not a readable FFCV .beton file ({error})") from error
+        finally:
+            torch.set_num_threads(torch_threads)
         fields = set(self.loader.reader.handlers)
         if not {"image", "label"} <= fields:
             raise DataPathError(
@@ -453,6 +525,10 @@ class FFCVLoader:
                 yield MultiCropBatch(global_views, local_views, labels.reshape(-1).to(torch.int64, copy=True))
         finally:
             _stop(epoch_iterator)
+        if epoch_iterator.error is not None:
+            raise RuntimeError(
+                f"the FFCV producer failed while reading {self.loader.fname}: {epoch_iterator.error!r}"
+            ) from epoch_iterator.error
 
 
 def _stop(epoch_iterator) -> None:
@@ -466,3 +542,42 @@ def _stop(epoch_iterator) -> None:
         epoch_iterator.join(timeout=60)
         if epoch_iterator.is_alive():
             log.warning("FFCV producer thread did not stop within 60 s")
+
+
+def _loader_class():
+    """FFCV's Loader whose producer thread reports a failure instead of hanging.
+
+    FFCV's thread dies silently on an exception (a compile error, a bad sample) and the
+    consumer then waits forever on its queue; ours ends the epoch and keeps the error.
+    """
+    from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    class ReportingEpochIterator(EpochIterator):
+        error = None
+
+        def run(self):
+            try:
+                super().run()
+            except BaseException as error:
+                self.error = error
+                while not self.terminate_event.is_set():
+                    try:
+                        self.output_queue.put(None, timeout=0.5)
+                        return
+                    except queue.Full:
+                        pass
+
+    class ReportingLoader(Loader):
+        def __iter__(self):
+            # Loader.__iter__ of FFCV 1.0, with the iterator above, and without setting
+            # the thread counts of this (the training) thread: the producer thread sets
+            # its own.
+            order = self.next_traversal_order()
+            selected_order = order[: len(self) * self.batch_size]
+            self.next_epoch += 1
+            if self.code is None or self.recompile:
+                self.generate_code()
+            return ReportingEpochIterator(self, selected_order)
+
+    return ReportingLoader
