@@ -1,0 +1,502 @@
+// CUDA kernels of the fused CARP loss (maths in partition_softmax.h).
+//
+// Layout of the work: a thread block owns one group g and a chunk of images; thread t owns
+// the columns c = t, t + blockDim, ... of that group in every row it touches. So every
+// per-column quantity (the teacher probabilities q_j[c], the probability sum S_g[c]) is
+// read and written by one thread only and needs no synchronisation, and only per-row
+// scalars (max, sum, agreements, <p, dL/dp>) go through block reductions.
+//
+// Determinism: every reduction has a fixed shape (warp butterfly, then the warps' values
+// added in warp order by one thread), and S_g is accumulated per chunk of images then
+// summed over chunks in chunk order by a second small kernel. No atomics anywhere, and the
+// chunking depends on the shapes only, so two runs on the same GPU agree bit for bit.
+//
+// Traffic: the forward reads each logit once from DRAM (the repeat passes over a row hit
+// L1/L2: a block's working set is (Vs + Vt) * P elements), the backward reads the logits
+// once and writes the student gradient once. Nothing of the logits' size is allocated
+// besides that gradient.
+// ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in the cuSPARSE/cuBLAS headers,
+// which a minimal toolkit (nvcc + cudart) does not ship.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "partition_softmax.h"
+
+namespace carp_fast {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxThreads = 256;
+// Columns per thread aimed at before growing the block: enough independent loads in
+// flight per thread without idling most of a block on small groups.
+constexpr int64_t kColumnsPerThread = 4;
+// Teacher views whose agreements one pass over a student row accumulates in registers;
+// more teacher views take more passes (recomputing p), never more registers.
+constexpr int kTeacherChunk = 4;
+// Forward blocks aimed at: an H100 holds about 132 SMs x 8-16 of these small blocks at once.
+// With few groups the batch is cut into chunks to get there (at the price of a [chunks, G, P]
+// partial sum). A constant, so the summation order depends on the shapes only.
+constexpr int64_t kTargetForwardBlocks = 2048;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr int64_t kDefaultSharedBytes = 48 * 1024;
+// The forward's per-warp consistency sums.
+constexpr int64_t kStaticSharedBytes = sizeof(double) * (kMaxThreads / kWarpSize);
+
+// A NaN in a row must make that row's max NaN (as in torch.softmax), so that the loss is
+// NaN rather than silently ignoring the entry: fmaxf would drop it.
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// exp(x - m) for a softmax. exp2 is one MUFU instruction; the argument's rounding costs
+// about |x - m| * 1e-7 relative, far below the tolerances the tests hold the loss to.
+__device__ __forceinline__ float exp_shifted(float x, float m) { return exp2f((x - m) * kLog2e); }
+
+// clamp(a, eps, 1 - eps) that lets a NaN through, as torch.clamp does (fmaxf would not).
+__device__ __forceinline__ float clamp_agreement(float a) {
+  return a < kAgreementMin ? kAgreementMin : (a > kAgreementMax ? kAgreementMax : a);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// red holds one value per (slot, warp); combines the warps' values of `slot` in warp order.
+__device__ __forceinline__ float combine_warps_sum(const float* red, int slot, int num_warps) {
+  float v = red[slot * num_warps];
+  for (int w = 1; w < num_warps; ++w) v += red[slot * num_warps + w];
+  return v;
+}
+
+__device__ __forceinline__ float combine_warps_max(const float* red, int slot, int num_warps) {
+  float v = red[slot * num_warps];
+  for (int w = 1; w < num_warps; ++w) v = nan_max(v, red[slot * num_warps + w]);
+  return v;
+}
+
+// Row r of the (b, g) slice stack: rows 0..Vt-1 are the teacher views, then the students.
+template <typename S, typename T>
+struct SliceRows {
+  const S* __restrict__ student;
+  const T* __restrict__ teacher;
+  int64_t num_teacher, stride_view, offset;  // offset = b * width + g * P
+
+  __device__ __forceinline__ float at(int r, int64_t c) const {
+    return r < num_teacher
+               ? static_cast<float>(teacher[r * stride_view + offset + c])
+               : static_cast<float>(student[(r - num_teacher) * stride_view + offset + c]);
+  }
+};
+
+struct ForwardOut {
+  double* __restrict__ loss_partial;  // [blocks]: sum of -log clamp(a) over the block's pairs
+  float* __restrict__ agreement;      // [Vs, Vt, B, G]
+  float* __restrict__ student_stats;  // [Vs, B, G, 2]
+  float* __restrict__ teacher_stats;  // [Vt, B, G, 2]
+  float* __restrict__ partial;        // [chunks, G, P]
+};
+
+// Forward for one (group, chunk of images). Per image b, over its R = Vt + Vs rows:
+//   m_r = max_c x_rc;  r_r = 1 / sum_c exp(x_rc - m_r)            (two block reductions)
+//   q_jc = exp(t_jc - m_j) r_j      kept in shared memory, own columns only
+//   p_ic = exp(x_ic - m_i) r_i;  a_ij = sum_c p_ic q_jc             (one block reduction)
+//   S_gc += sum_j q_jc + sum_i p_ic                                  (own columns)
+//   loss += -log clamp(a_ij, eps, 1 - eps) for i != j                (thread of pair ij)
+template <typename S, typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
+                   int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
+  extern __shared__ float smem[];
+  const int64_t P = s.group_size;
+  const int num_teacher = static_cast<int>(s.num_teacher);
+  const int num_student = static_cast<int>(s.num_student);
+  const int rows = num_teacher + num_student;
+  const int num_warps = blockDim.x / kWarpSize;
+  const int red_slots = max(rows, num_student * num_teacher);
+  float* q = smem;                               // [Vt, P]
+  float* total = q + num_teacher * P;            // [P]
+  float* red = total + P;                        // [red_slots, num_warps]
+  float* row_max = red + red_slots * num_warps;  // [R]
+  float* row_inv = row_max + rows;               // [R]
+
+  const int64_t group = blockIdx.x / chunks;
+  const int64_t chunk = blockIdx.x % chunks;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int64_t width = s.num_groups * P;
+
+  for (int64_t c = tid; c < P; c += blockDim.x) total[c] = 0.0f;
+  double loss = 0.0;  // this thread's pairs, over the chunk's images
+
+  const int64_t b_end = min(s.batch, (chunk + 1) * batch_per_chunk);
+  for (int64_t b = chunk * batch_per_chunk; b < b_end; ++b) {
+    const SliceRows<S, T> x{student, teacher, s.num_teacher, s.batch * width,
+                            b * width + group * P};
+    const int64_t slice = b * s.num_groups + group;
+
+    for (int r = 0; r < rows; ++r) {
+      float m = -INFINITY;
+      for (int64_t c = tid; c < P; c += blockDim.x) m = nan_max(m, x.at(r, c));
+      m = warp_max(m);
+      if (lane == 0) red[r * num_warps + warp] = m;
+    }
+    __syncthreads();
+    for (int r = tid; r < rows; r += blockDim.x) row_max[r] = combine_warps_max(red, r, num_warps);
+    __syncthreads();
+
+    for (int r = 0; r < rows; ++r) {
+      const float m = row_max[r];
+      float sum = 0.0f;
+      for (int64_t c = tid; c < P; c += blockDim.x) sum += exp_shifted(x.at(r, c), m);
+      sum = warp_sum(sum);
+      if (lane == 0) red[r * num_warps + warp] = sum;
+    }
+    __syncthreads();
+    for (int r = tid; r < rows; r += blockDim.x) {
+      const float inv = 1.0f / combine_warps_sum(red, r, num_warps);
+      row_inv[r] = inv;
+      float* stats = r < num_teacher ? out.teacher_stats + (r * s.batch * s.num_groups + slice) * 2
+                                     : out.student_stats +
+                                           ((r - num_teacher) * s.batch * s.num_groups + slice) * 2;
+      stats[0] = row_max[r];
+      stats[1] = inv;
+    }
+    __syncthreads();
+
+    for (int j = 0; j < num_teacher; ++j) {
+      const float m = row_max[j], inv = row_inv[j];
+      for (int64_t c = tid; c < P; c += blockDim.x) {
+        const float qv = exp_shifted(x.at(j, c), m) * inv;
+        q[j * P + c] = qv;
+        total[c] += qv;
+      }
+    }
+    for (int i = 0; i < num_student; ++i) {
+      const int r = num_teacher + i;
+      const float m = row_max[r], inv = row_inv[r];
+      for (int j0 = 0; j0 < num_teacher; j0 += kTeacherChunk) {
+        float acc[kTeacherChunk] = {};
+        for (int64_t c = tid; c < P; c += blockDim.x) {
+          const float p = exp_shifted(x.at(r, c), m) * inv;
+          if (j0 == 0) total[c] += p;
+#pragma unroll
+          for (int k = 0; k < kTeacherChunk; ++k) {
+            if (j0 + k < num_teacher) acc[k] += p * q[(j0 + k) * P + c];
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < kTeacherChunk; ++k) {
+          if (j0 + k < num_teacher) {
+            const float v = warp_sum(acc[k]);
+            if (lane == 0) red[(i * num_teacher + j0 + k) * num_warps + warp] = v;
+          }
+        }
+      }
+    }
+    __syncthreads();
+    for (int k = tid; k < num_student * num_teacher; k += blockDim.x) {
+      const float a = combine_warps_sum(red, k, num_warps);
+      out.agreement[(k * s.batch) * s.num_groups + slice] = a;
+      if (k / num_teacher != k % num_teacher) {
+        loss -= log(static_cast<double>(clamp_agreement(a)));
+      }
+    }
+    __syncthreads();  // red and the stats are rewritten for the next image
+  }
+
+  float* partial = out.partial + (chunk * s.num_groups + group) * P;
+  for (int64_t c = tid; c < P; c += blockDim.x) partial[c] = total[c];
+
+  // The block's consistency terms: warps, then the warps in order.
+  __shared__ double warp_loss[kStaticSharedBytes / sizeof(double)];
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    loss += __shfl_xor_sync(0xffffffffu, loss, offset);
+  }
+  if (lane == 0) warp_loss[warp] = loss;
+  __syncthreads();
+  if (tid == 0) {
+    double block_loss = 0.0;
+    for (int w = 0; w < num_warps; ++w) block_loss += warp_loss[w];
+    out.loss_partial[blockIdx.x] = block_loss;
+  }
+}
+
+// consistency = (sum of the forward blocks' terms) / N, by one block of kMaxThreads threads:
+// thread t adds blocks t, t + kMaxThreads, ... in order, then a fixed tree. The launch
+// shape is a constant, so the order is too.
+__global__ void __launch_bounds__(kMaxThreads)
+    finish_consistency_kernel(const double* __restrict__ loss_partial, int64_t blocks,
+                              double inv_terms, float* __restrict__ consistency) {
+  __shared__ double partial[kMaxThreads];
+  double sum = 0.0;
+  for (int64_t k = threadIdx.x; k < blocks; k += kMaxThreads) sum += loss_partial[k];
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int width = kMaxThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) *consistency = static_cast<float>(partial[0] * inv_terms);
+}
+
+// S = sum over chunks of the partial sums, in chunk order.
+__global__ void sum_chunks_kernel(const float* __restrict__ partial, int64_t chunks, int64_t n,
+                                  float* __restrict__ prob_sum) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float acc = partial[e];
+    for (int64_t k = 1; k < chunks; ++k) acc += partial[k * n + e];
+    prob_sum[e] = acc;
+  }
+}
+
+struct BackwardIn {
+  const float* __restrict__ grad_consistency;  // []
+  float inv_terms;                             // 1 / N
+  const float* __restrict__ agreement;         // [Vs, Vt, B, G]
+  const float* __restrict__ grad_prob_sum;     // [G, P]
+  const float* __restrict__ student_stats;
+  const float* __restrict__ teacher_stats;
+};
+
+// Backward for one (image b, group g). With p, q recomputed from the saved (m, r):
+//   w_ij = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the clamp, else 0
+//   dL/dp_ic = dL/dS_gc + sum_j w_ij q_jc
+//   s_i = <p_i, dL/dp_i>                                            (one block reduction)
+//   dL/dx_ic = p_ic (dL/dp_ic - s_i)
+// The second pass recomputes p and dL/dp rather than keeping Vs * P floats per block.
+template <typename S, typename T>
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
+                    BackwardIn in, S* __restrict__ grad_student) {
+  extern __shared__ float smem[];
+  const int64_t P = s.group_size;
+  const int num_teacher = static_cast<int>(s.num_teacher);
+  const int num_student = static_cast<int>(s.num_student);
+  const int num_warps = blockDim.x / kWarpSize;
+  float* q = smem;                                  // [Vt, P]
+  float* weight = q + num_teacher * P;              // [Vs, Vt]: w of this (b, g)
+  float* red = weight + num_student * num_teacher;  // [Vs, num_warps]
+  float* row_dot = red + num_student * num_warps;   // [Vs]
+
+  const int64_t b = blockIdx.x / s.num_groups;
+  const int64_t group = blockIdx.x % s.num_groups;
+  const int64_t slice = b * s.num_groups + group;
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  const int64_t width = s.num_groups * P;
+  const int64_t stride_view = s.batch * width;
+  const int64_t offset = b * width + group * P;
+  const float* grad_total = in.grad_prob_sum + group * P;
+
+  const float grad_per_term = *in.grad_consistency * in.inv_terms;
+  for (int k = tid; k < num_student * num_teacher; k += blockDim.x) {
+    const float a = in.agreement[(k * s.batch) * s.num_groups + slice];
+    // torch's clamp passes the gradient on the closed interval [eps, 1 - eps].
+    const bool inside = a >= kAgreementMin && a <= kAgreementMax;
+    weight[k] = (k / num_teacher != k % num_teacher && inside) ? -grad_per_term / a : 0.0f;
+  }
+  for (int j = 0; j < num_teacher; ++j) {
+    const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
+    const float m = stats[0], inv = stats[1];
+    for (int64_t c = tid; c < P; c += blockDim.x) {
+      q[j * P + c] =
+          exp_shifted(static_cast<float>(teacher[j * stride_view + offset + c]), m) * inv;
+    }
+  }
+  __syncthreads();
+
+  auto grad_wrt_prob = [&](int i, int64_t c) {
+    float d = grad_total[c];
+    for (int j = 0; j < num_teacher; ++j) d += weight[i * num_teacher + j] * q[j * P + c];
+    return d;
+  };
+
+  for (int i = 0; i < num_student; ++i) {
+    const float* stats = in.student_stats + (i * s.batch * s.num_groups + slice) * 2;
+    const float m = stats[0], inv = stats[1];
+    float acc = 0.0f;
+    for (int64_t c = tid; c < P; c += blockDim.x) {
+      const float p =
+          exp_shifted(static_cast<float>(student[i * stride_view + offset + c]), m) * inv;
+      acc += p * grad_wrt_prob(i, c);
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) red[i * num_warps + warp] = acc;
+  }
+  __syncthreads();
+  for (int i = tid; i < num_student; i += blockDim.x)
+    row_dot[i] = combine_warps_sum(red, i, num_warps);
+  __syncthreads();
+
+  for (int i = 0; i < num_student; ++i) {
+    const float* stats = in.student_stats + (i * s.batch * s.num_groups + slice) * 2;
+    const float m = stats[0], inv = stats[1], dot = row_dot[i];
+    for (int64_t c = tid; c < P; c += blockDim.x) {
+      const int64_t e = i * stride_view + offset + c;
+      const float p = exp_shifted(static_cast<float>(student[e]), m) * inv;
+      grad_student[e] = static_cast<S>(p * (grad_wrt_prob(i, c) - dot));
+    }
+  }
+}
+
+int threads_for(int64_t group_size) {
+  const int64_t want = (group_size + kColumnsPerThread - 1) / kColumnsPerThread;
+  const int64_t rounded = (want + kWarpSize - 1) / kWarpSize * kWarpSize;
+  return static_cast<int>(std::clamp<int64_t>(rounded, kWarpSize, kMaxThreads));
+}
+
+// Calls f(S{}, T{}) with the C++ types of the student and teacher logits.
+template <typename F>
+void with_logit_type(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    default: f(c10::Half{}); break;
+  }
+}
+
+template <typename F>
+void with_logit_types(const at::Tensor& student, const at::Tensor& teacher, F&& f) {
+  with_logit_type(student.scalar_type(), [&](auto s_tag) {
+    with_logit_type(teacher.scalar_type(), [&](auto t_tag) { f(s_tag, t_tag); });
+  });
+}
+
+// Dynamic shared memory above 48 KiB must be opted into per kernel; beyond the device's
+// opt-in limit (less the kernel's static shared memory) the group is too large for this
+// kernel and we say so.
+template <typename Kernel>
+void reserve_shared_memory(Kernel kernel, int64_t bytes, const LossShape& s) {
+  if (bytes + kStaticSharedBytes <= kDefaultSharedBytes) return;
+  int device = 0;
+  int limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes + kStaticSharedBytes <= limit, "carp_fast fused loss: group size ",
+              s.group_size, " with ", s.num_teacher, " teacher views needs ", bytes,
+              " bytes of shared memory per block, more than this GPU's ", limit);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+}
+
+ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                                             int64_t group_size) {
+  const LossShape s = check_forward_inputs(student, teacher, group_size);
+  const c10::cuda::CUDAGuard guard(student.device());
+  const auto f32 = student.options().dtype(at::kFloat);
+  at::Tensor consistency = at::empty({}, f32);
+  at::Tensor agreement = at::empty({s.num_student, s.num_teacher, s.batch, s.num_groups}, f32);
+  at::Tensor student_stats = at::empty({s.num_student, s.batch, s.num_groups, 2}, f32);
+  at::Tensor teacher_stats = at::empty({s.num_teacher, s.batch, s.num_groups, 2}, f32);
+  at::Tensor prob_sum = at::empty({s.num_groups, s.group_size}, f32);
+
+  const int64_t chunks =
+      std::min(s.batch, (kTargetForwardBlocks + s.num_groups - 1) / s.num_groups);
+  const int64_t batch_per_chunk = (s.batch + chunks - 1) / chunks;
+  const int64_t blocks = s.num_groups * chunks;
+  at::Tensor partial =
+      chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.group_size}, f32);
+  at::Tensor loss_partial = at::empty({blocks}, student.options().dtype(at::kDouble));
+
+  const int threads = threads_for(s.group_size);
+  const int num_warps = threads / kWarpSize;
+  const int64_t rows = s.num_student + s.num_teacher;
+  const int64_t red_slots = std::max(rows, s.num_student * s.num_teacher);
+  const int64_t shared_bytes =
+      static_cast<int64_t>(sizeof(float)) *
+      ((s.num_teacher + 1) * s.group_size + red_slots * num_warps + 2 * rows);
+  const ForwardOut out{loss_partial.data_ptr<double>(), agreement.data_ptr<float>(),
+                       student_stats.data_ptr<float>(), teacher_stats.data_ptr<float>(),
+                       partial.data_ptr<float>()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    auto kernel = forward_kernel<S, T>;
+    reserve_shared_memory(kernel, shared_bytes, s);
+    kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
+        student.const_data_ptr<S>(), teacher.const_data_ptr<T>(), s, chunks, batch_per_chunk, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  const double inv_terms = 1.0 / static_cast<double>(num_pairs(s) * s.batch * s.num_groups);
+  finish_consistency_kernel<<<1, kMaxThreads, 0, stream>>>(
+      loss_partial.const_data_ptr<double>(), blocks, inv_terms, consistency.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+
+  if (chunks > 1) {
+    const int64_t n = s.num_groups * s.group_size;
+    const int64_t sum_blocks = std::min<int64_t>((n + kMaxThreads - 1) / kMaxThreads, 4096);
+    sum_chunks_kernel<<<static_cast<unsigned>(sum_blocks), kMaxThreads, 0, stream>>>(
+        partial.const_data_ptr<float>(), chunks, n, prob_sum.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {consistency, agreement, student_stats, teacher_stats, prob_sum};
+}
+
+at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
+                                           const at::Tensor& grad_prob_sum,
+                                           const at::Tensor& student, const at::Tensor& teacher,
+                                           const at::Tensor& agreement,
+                                           const at::Tensor& student_stats,
+                                           const at::Tensor& teacher_stats, int64_t group_size) {
+  const LossShape s = check_backward_inputs(grad_consistency, grad_prob_sum, student, teacher,
+                                            agreement, student_stats, teacher_stats, group_size);
+  const c10::cuda::CUDAGuard guard(student.device());
+  at::Tensor grad_student = at::empty_like(student);
+
+  const int threads = threads_for(s.group_size);
+  const int num_warps = threads / kWarpSize;
+  const int64_t shared_bytes = static_cast<int64_t>(sizeof(float)) *
+                               (s.num_teacher * s.group_size + s.num_student * s.num_teacher +
+                                s.num_student * num_warps + s.num_student);
+  const BackwardIn in{
+      grad_consistency.const_data_ptr<float>(),
+      static_cast<float>(1.0 / static_cast<double>(num_pairs(s) * s.batch * s.num_groups)),
+      agreement.const_data_ptr<float>(),
+      grad_prob_sum.const_data_ptr<float>(),
+      student_stats.const_data_ptr<float>(),
+      teacher_stats.const_data_ptr<float>()};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    auto kernel = backward_kernel<S, T>;
+    reserve_shared_memory(kernel, shared_bytes, s);
+    kernel<<<static_cast<unsigned>(s.batch * s.num_groups), threads, shared_bytes, stream>>>(
+        student.const_data_ptr<S>(), teacher.const_data_ptr<T>(), s, in,
+        grad_student.data_ptr<S>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_student;
+}
+
+}  // namespace
+}  // namespace carp_fast
+
+TORCH_LIBRARY_IMPL(carp_fast, CUDA, m) {
+  m.impl("partition_softmax_forward", &carp_fast::partition_softmax_forward_cuda);
+  m.impl("partition_softmax_backward", &carp_fast::partition_softmax_backward_cuda);
+}

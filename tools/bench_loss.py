@@ -1,0 +1,340 @@
+"""Time and memory of the CARP loss, forward + backward, across implementations.
+
+    python tools/bench_loss.py --device cpu --dtype fp32 --json benchmarks/loss_cpu_fp32.json
+
+Implementations (--impls):
+  published  the formulation users run today, written from the maths: gather each view's
+             logits through the [G, P] partition indices, stack, softmax, one einsum /
+             clamp / log per pair, concatenate every probability and average it
+  reference  carp_fast.loss.reference_carp_loss on partition-ordered logits
+  compiled   torch.compile(reference_carp_loss)
+  fused      carp_fast.fused_loss.fused_carp_loss (the csrc/ kernels)
+
+Time: median wall time of forward + backward over --reps, the implementations interleaved
+rep by rep so that a noisy (shared) machine disturbs them alike. Peak extra memory: what one
+forward + backward allocates above the inputs, the student gradient included. On CUDA that
+is torch.cuda.max_memory_allocated over the step minus what was allocated before; on CPU
+each implementation runs in a fresh process with glibc told to mmap every allocation of
+64 KiB and more (so freed tensors go back to the OS at once) and the growth of the peak
+resident set (VmHWM, reset through /proc/self/clear_refs) over one step is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from carp_fast.loss import EPS, draw_partition, reference_carp_loss  # noqa: E402  (after the path fix)
+
+IMPLS = ("published", "reference", "compiled", "fused")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def published_carp_loss(
+    student: torch.Tensor, teacher: torch.Tensor, partition: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published recipe on un-grouped logits [V, B, K] and a partition [G, P]."""
+    group_size = partition.shape[1]
+    student_probs = torch.stack(
+        [torch.softmax(view[:, partition].float(), dim=-1) for view in student.unbind(0)]
+    )
+    teacher_probs = torch.stack(
+        [torch.softmax(view.detach()[:, partition].float(), dim=-1) for view in teacher.unbind(0)]
+    )
+    pair_losses = []
+    for i, p in enumerate(student_probs):
+        for j, q in enumerate(teacher_probs):
+            if i == j:
+                continue
+            agreement = torch.einsum("bgc,bgc->bg", p, q)
+            pair_losses.append(-torch.log(agreement.clamp(EPS, 1.0 - EPS)).mean())
+    consistency = torch.stack(pair_losses).mean()
+    # Under DDP this concatenation is all-gathered; one process here.
+    all_probs = torch.cat([student_probs.flatten(0, 1), teacher_probs.flatten(0, 1)])
+    mean_probs = all_probs.mean(dim=0)
+    neg_entropy = (mean_probs * torch.log(mean_probs.clamp(EPS, 1.0 - EPS))).sum(-1)
+    entropy = (neg_entropy + torch.log(torch.tensor(float(group_size)))).mean()
+    return consistency, entropy
+
+
+def make_loss(impl: str, args: argparse.Namespace):
+    """fn(student, teacher) -> (consistency, entropy) for one implementation."""
+    if impl == "published":
+        partition = draw_partition(args.prototypes, args.group, seed=0, step=0).to(args.device)
+        return lambda s, t: published_carp_loss(s, t, partition)
+    if impl == "reference":
+        return lambda s, t: reference_carp_loss(s, t, args.group)
+    if impl == "compiled":
+        compiled = torch.compile(reference_carp_loss)
+        return lambda s, t: compiled(s, t, args.group)
+    if impl == "fused":
+        from carp_fast import fused_loss
+
+        if not fused_loss.is_available():
+            raise SystemExit(f"fused loss unavailable: {fused_loss.unavailable_reason()}")
+        return lambda s, t: fused_loss.fused_carp_loss(s, t, args.group)
+    raise ValueError(impl)
+
+
+def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.prototypes)
+    dtype = DTYPES[args.dtype]
+    student = torch.randn(args.views_student, *shape, generator=generator) * 3
+    teacher = torch.randn(args.views_teacher, *shape, generator=generator) * 3
+    student = student.to(args.device, dtype).requires_grad_(True)
+    return student, teacher.to(args.device, dtype)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def step(
+    loss_fn, student: torch.Tensor, teacher: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    student.grad = None
+    consistency, entropy = loss_fn(student, teacher)
+    (consistency + entropy).backward()
+    return consistency, entropy
+
+
+# ---- CPU peak memory, in a child process ------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def child_cpu_memory(impl: str, args: argparse.Namespace) -> None:
+    """Runs in the child: prints the peak RSS growth (bytes) of one forward + backward."""
+    torch.set_num_threads(args.threads)
+    student, teacher = make_inputs(args)
+    loss_fn = make_loss(impl, args)
+    step(loss_fn, student, teacher)  # compile, lazy init, thread pool
+    student.grad = None
+    gc.collect()
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    step(loss_fn, student, teacher)
+    peak = _status_kib("VmHWM")
+    print(json.dumps({"peak_extra_bytes": (peak - before) * 1024}))
+
+
+def cpu_peak_memory(impl: str, args: argparse.Namespace) -> int | None:
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--memory-child", impl] + forwarded_args(args)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(done.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def forwarded_args(args: argparse.Namespace) -> list[str]:
+    return [
+        f"--device={args.device}",
+        f"--dtype={args.dtype}",
+        f"--views-student={args.views_student}",
+        f"--views-teacher={args.views_teacher}",
+        f"--batch={args.batch}",
+        f"--prototypes={args.prototypes}",
+        f"--group={args.group}",
+        f"--threads={args.threads}",
+    ]
+
+
+def cuda_peak_memory(loss_fn, student: torch.Tensor, teacher: torch.Tensor) -> int:
+    student.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(loss_fn, student, teacher)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+# ---- Provenance -------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "csrc", "carp_fast", "tools"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        return done.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ---- Main -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--views-student", type=int, default=8)
+    parser.add_argument("--views-teacher", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--prototypes", type=int, default=65536)
+    parser.add_argument("--group", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
+    )
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.memory_child:
+        child_cpu_memory(args.memory_child, args)
+        return {}
+    impls = [name.strip() for name in args.impls.split(",") if name.strip()]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown --impls {sorted(unknown)}; choose from {IMPLS}")
+    torch.set_num_threads(args.threads)
+    on_cuda = args.device.startswith("cuda")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+
+    student, teacher = make_inputs(args)
+    loss_fns = {impl: make_loss(impl, args) for impl in impls}
+    values = {}
+    for impl in impls:
+        for _ in range(args.warmup):
+            consistency, entropy = step(loss_fns[impl], student, teacher)
+        values[impl] = (consistency.item(), entropy.item())
+    synchronize(args.device)
+
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(args.reps):
+        for impl in impls:
+            synchronize(args.device)
+            start = time.perf_counter()
+            step(loss_fns[impl], student, teacher)
+            synchronize(args.device)
+            times[impl].append(time.perf_counter() - start)
+
+    if on_cuda:
+        memory = {impl: cuda_peak_memory(loss_fns[impl], student, teacher) for impl in impls}
+        memory_method = "torch.cuda.max_memory_allocated during one step minus allocated before"
+    else:
+        del loss_fns
+        memory = {impl: cpu_peak_memory(impl, args) for impl in impls}
+        memory_method = (
+            "fresh process per impl, MALLOC_MMAP_THRESHOLD_=65536; VmHWM after one step "
+            "(reset via /proc/self/clear_refs) minus VmRSS before it"
+        )
+
+    median_ms = {impl: 1e3 * statistics.median(t) for impl, t in times.items()}
+    # Every implementation must produce the student gradient, so also report what each
+    # needs beyond it: the part an implementation can actually save.
+    grad_bytes = student.numel() * student.element_size()
+    beyond_grad = {k: (v - grad_bytes if v is not None else None) for k, v in memory.items()}
+    ratios = {}
+    if "fused" in impls:
+        for impl in impls:
+            if impl == "fused":
+                continue
+            ratios[f"{impl}_time_over_fused"] = median_ms[impl] / median_ms["fused"]
+            if memory.get(impl) and memory.get("fused") is not None:
+                ratios[f"fused_memory_over_{impl}"] = memory["fused"] / memory[impl]
+                ratios[f"fused_memory_beyond_grad_over_{impl}"] = (
+                    beyond_grad["fused"] / beyond_grad[impl]
+                )
+
+    result = {
+        "what": "CARP loss forward + backward (consistency + entropy), one process",
+        "shape": {
+            "views_student": args.views_student,
+            "views_teacher": args.views_teacher,
+            "batch": args.batch,
+            "prototypes": args.prototypes,
+            "group_size": args.group,
+            "groups": args.prototypes // args.group,
+        },
+        "dtype": args.dtype,
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name(args.device) if on_cuda else cpu_model(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "command": " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "reps": args.reps,
+        "load_average_before_after": [load_before, os.getloadavg() if load_before else None],
+        "median_ms": median_ms,
+        "min_ms": {impl: 1e3 * min(t) for impl, t in times.items()},
+        "peak_extra_memory_bytes": memory,
+        "peak_extra_memory_mib": {
+            k: (v / 2**20 if v is not None else None) for k, v in memory.items()
+        },
+        "student_grad_mib": grad_bytes / 2**20,
+        "peak_extra_memory_beyond_grad_mib": {
+            k: (v / 2**20 if v is not None else None) for k, v in beyond_grad.items()
+        },
+        "memory_method": memory_method,
+        "ratios": ratios,
+        "values": {impl: {"consistency": c, "entropy": h} for impl, (c, h) in values.items()},
+    }
+    for impl in impls:
+        mem = result["peak_extra_memory_mib"][impl]
+        mem_text = f"{mem:9.1f} MiB" if mem is not None else "      n/a"
+        print(
+            f"{impl:>10}: {median_ms[impl]:9.1f} ms  {mem_text}  "
+            f"c={values[impl][0]:.6f} h={values[impl][1]:.6f}"
+        )
+    for name, value in ratios.items():
+        print(f"{name}: {value:.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
