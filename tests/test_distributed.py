@@ -25,7 +25,7 @@ def rank_loss_and_grad(rank, world, impl):
     return consistency.item(), entropy.item(), local.grad
 
 
-@pytest.mark.parametrize("impl", ["reference"])
+@pytest.mark.parametrize("impl", ["reference", "fused"])
 def test_ddp_loss_and_gradients_equal_single_process(impl):
     world = 2
     results = run_ranks(rank_loss_and_grad, world, impl)

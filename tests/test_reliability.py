@@ -13,7 +13,7 @@ import torch
 
 from carp_fast import checkpoint
 from carp_fast.config import load_config
-from carp_fast.train import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_WRITE_FAILED
+from carp_fast.train import EXIT_PREEMPTED, EXIT_WRITE_FAILED
 from carp_fast.trainer import NonFiniteLoss, Trainer
 from conftest import tiny_overrides
 from spawn import run_ranks

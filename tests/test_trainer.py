@@ -5,7 +5,6 @@ import torch
 import yaml
 
 from carp_fast import checkpoint
-from carp_fast.config import load_config
 from carp_fast.trainer import Trainer
 
 

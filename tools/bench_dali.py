@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from carp_fast import profiling  # noqa: E402
 from carp_fast.config import load_config  # noqa: E402
 from carp_fast.data import build_loader  # noqa: E402
 
@@ -126,25 +126,11 @@ def epoch_rate(loader, epoch: int) -> tuple[float, float]:
     return images / elapsed, first - start
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> tuple[str | None, bool | None]:
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
-    except (OSError, subprocess.CalledProcessError):
+def git_commit_and_dirty() -> tuple[str | None, bool | None]:
+    commit = profiling.git_commit()
+    if commit is None:
         return None, None
-    return commit, dirty
+    return commit.removesuffix("+dirty"), commit.endswith("+dirty")
 
 
 def _relative(path: str) -> str:
@@ -221,7 +207,7 @@ def main(argv=None) -> dict:
             print(f"rep {rep} {name:22s} {rate:8.1f} images/s (first batch after {first:.2f} s)",
                   flush=True)
     load_end = os.getloadavg()
-    commit, dirty = git_commit()
+    commit, dirty = git_commit_and_dirty()
     results = {
         name: {
             "what": LOADERS[name][2],
@@ -238,7 +224,7 @@ def main(argv=None) -> dict:
         "commit": commit,
         "uncommitted_changes": dirty,
         "machine": {
-            "cpu": cpu_model(),
+            "cpu": profiling.cpu_model(),
             "cores": os.cpu_count(),
             "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "gpu": None,

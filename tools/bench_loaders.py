@@ -138,7 +138,7 @@ def dataset_stats(folder: Path) -> dict:
     }
 
 
-def config(backend: str, path: Path, args) -> "Config":
+def config(backend: str, path: Path, args):
     from carp_fast.config import load_config
 
     return load_config("fast_400ep.yaml", [
