@@ -105,9 +105,10 @@ if is_available():
             grad_consistency = agreement.new_zeros(())
         if grad_prob_sum is None:
             grad_prob_sum = agreement.new_zeros((agreement.shape[-1], ctx.group_size))
+        # Upstream gradients may arrive expanded (stride 0) or in another dtype; the
+        # kernels take dense fp32 (no copy when they already are).
         grad_student = torch.ops.carp_fast.partition_softmax_backward(
             grad_consistency.float().contiguous(),
-            # A sum's backward hands over an expanded (stride-0) gradient.
             grad_prob_sum.float().contiguous(),
             student,
             teacher,

@@ -15,6 +15,7 @@
 // L1/L2: a block's working set is (Vs + Vt) * P elements), the backward reads the logits
 // once and writes the student gradient once. Nothing of the logits' size is allocated
 // besides that gradient.
+//
 // ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in the cuSPARSE/cuBLAS headers,
 // which a minimal toolkit (nvcc + cudart) does not ship.
 #include <ATen/ATen.h>
