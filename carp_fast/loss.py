@@ -156,7 +156,7 @@ def carp_loss(
 
     if impl == "fused":
         return fused_loss.fused_carp_loss(student, teacher, group_size)
-    if fused_loss.is_available():
+    if fused_loss.supports_device(student.device):
         return fused_loss.fused_carp_loss(student, teacher, group_size)
     global _warned_fallback
     if not _warned_fallback:
