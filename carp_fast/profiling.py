@@ -28,7 +28,6 @@ class PhaseTimer:
         self.cuda = device.type == "cuda"
         self._marks: list[tuple[str, object]] = []
         self._totals: dict[str, float] = defaultdict(float)
-        self.steps = 0
 
     def _now(self):
         if self.cuda:
@@ -42,9 +41,6 @@ class PhaseTimer:
 
     def mark(self, phase: str) -> None:
         self._marks.append((phase, self._now()))
-
-    def end_step(self) -> None:
-        self.steps += 1
 
     def totals(self) -> dict[str, float]:
         """Seconds per phase over all steps (synchronises the GPU once)."""

@@ -1,5 +1,8 @@
+import importlib.util
 import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,3 +89,25 @@ def tiny_config(tiny_dataset, tmp_path):
         return load_config("demo_cpu.yaml", tiny_overrides(tiny_dataset / "train", tmp_path / "run", **extra))
 
     return make
+
+
+needs_ffcv = pytest.mark.skipif(
+    importlib.util.find_spec("ffcv") is None,
+    reason="FFCV is not installed (make install, or pip install ffcv numba after tools/install_system_deps.sh)",
+)
+
+
+def load_converter():
+    """tools/convert_imagenet_ffcv.py as a module, loaded once per process.
+
+    Registered by name, so that dataclasses and the pickling of work for the worker
+    processes find it; a second load would replace the functions already handed out.
+    """
+    name = "convert_imagenet_ffcv"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "tools" / "convert_imagenet_ffcv.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -1,37 +1,17 @@
 """tools/convert_imagenet_ffcv.py: round trip, bad inputs, atomic output."""
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import load_converter, needs_ffcv
 from carp_fast.data import DataPathError
 
-ROOT = Path(__file__).resolve().parent.parent
 # CI installs FFCV (the test extra); the GPU machine has none, and runs what it can.
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("ffcv") is None,
-    reason="FFCV is not installed (make install, or pip install ffcv numba after tools/install_system_deps.sh)",
-)
-
-
-def load_converter():
-    """tools/convert_imagenet_ffcv.py as a module, loaded once per process.
-
-    Registered by name, so that dataclasses and the pickling of work for the worker
-    processes find it; a second load would replace the functions already handed out.
-    """
-    name = "convert_imagenet_ffcv"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "convert_imagenet_ffcv.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+pytestmark = needs_ffcv
 
 
 converter = load_converter()

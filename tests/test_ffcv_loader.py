@@ -1,41 +1,20 @@
 """data.backend=ffcv: the decode-once multi-crop producer and the full two-stage loader."""
 
-import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageFilter
 
+from conftest import load_converter, needs_ffcv
 from carp_fast.data import DataPathError, MultiCropBatch, build_loader
 from carp_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from carp_fast.data.torchvision_loader import EpochShardSampler
 
-ROOT = Path(__file__).resolve().parent.parent
 RAMP_HEIGHT, RAMP_WIDTH = 200, 240
 # CI installs FFCV (the test extra); the GPU machine has none, and runs what it can.
-needs_ffcv = pytest.mark.skipif(
-    importlib.util.find_spec("ffcv") is None,
-    reason="FFCV is not installed (make install, or pip install ffcv numba after tools/install_system_deps.sh)",
-)
-
-
-def load_converter():
-    """tools/convert_imagenet_ffcv.py as a module, loaded once per process.
-
-    Registered by name, so that dataclasses and the pickling of work for the worker
-    processes find it; a second load would replace the functions already handed out.
-    """
-    name = "convert_imagenet_ffcv"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "convert_imagenet_ffcv.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(scope="module")
