@@ -59,14 +59,41 @@ def init(device_type: str, timeout_minutes: int = 30) -> DistEnv:
         if backend == "nccl":
             torch.cuda.set_device(env.local_rank)
             kwargs["device_id"] = torch.device("cuda", env.local_rank)
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        store = _restart_scoped_agent_store(env, timeout)
+        if store is not None:
+            kwargs["store"] = store
         dist.init_process_group(
-            backend,
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-            **kwargs,
+            backend, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
         )
     return env
+
+
+def _restart_scoped_agent_store(env: DistEnv, timeout: datetime.timedelta):
+    """torchrun's shared store, with keys scoped to this restart; None to use env:// as is.
+
+    With the c10d rendezvous torchrun hands its workers one TCPStore for the whole job
+    and never clears it. After ``--max-restarts`` brings a group back, the new workers
+    can read the dead workers' gloo/NCCL addresses from the previous attempt and fail
+    with "connection refused" or hang (pytorch/pytorch#135712). Prefixing the keys with
+    the restart count keeps attempts apart. The count is only consistent when one agent
+    runs every rank (a single node); across nodes each agent counts its own restarts,
+    so there we keep torchrun's behaviour and the README says to export
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for elastic multi-node jobs.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        return None
+    client = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        env.world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"carp_fast/restart_{attempt}", client)
 
 
 def shutdown() -> None:

@@ -1,10 +1,15 @@
 """Two gloo processes on CPU against one process holding the concatenated batch."""
 
+import os
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from carp_fast import distributed
 from carp_fast.loss import carp_loss
-from spawn import run_ranks
+from spawn import free_port, run_ranks
 
 VS, VT, BATCH, GROUPS, GROUP = 4, 2, 6, 3, 10
 
@@ -70,3 +75,27 @@ def test_two_process_training_keeps_ranks_in_step(tiny_dataset, tmp_path):
     # Only rank 0 writes the run directory.
     assert (tmp_path / "ddp" / "last.pt").exists()
     assert record0["loss"] == pytest.approx(record1["loss"])
+
+
+def join_as_torchrun_worker(rank, world, port, attempt, group_world_size, results):
+    # What torchrun (c10d rendezvous, shared store) exports to its workers.
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True",
+        TORCHELASTIC_RESTART_COUNT=str(attempt), GROUP_WORLD_SIZE=str(group_world_size),
+    )
+    torch.set_num_threads(1)
+    distributed.init("cpu", timeout_minutes=1)
+    total = distributed.all_reduce_sum(torch.tensor([rank + 1.0]))
+    results[rank] = total.item()
+    distributed.shutdown()
+
+
+def test_restarted_workers_do_not_read_the_previous_attempts_addresses():
+    port = free_port()
+    # Plays torchrun's agent: one store for every attempt, never cleared.
+    agent_store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    for attempt in range(3):
+        results = mp.Manager().dict()
+        mp.spawn(join_as_torchrun_worker, args=(2, port, attempt, 1, results), nprocs=2, join=True)
+        assert dict(results) == {0: 3.0, 1: 3.0}, attempt
