@@ -24,12 +24,11 @@ $(TEST_STAMP): $(STAMP)
 	$(PIP) install --no-build-isolation -e ".[test]"
 	@touch $(TEST_STAMP)
 
-# The demo ends with what was learned: k-NN on held-out demo images, the trained teacher
-# next to the same network at its random initialisation (48 px, the demo's global crop size).
+# Trains demo_cpu.yaml, then shows what was learned: k-NN on held-out demo images, the
+# trained teacher next to the same network at its random initialisation. The script
+# prints each command it runs and writes runs/demo/summary.json.
 demo: install
-	$(PYTHON) -m carp_fast.train --cfg demo_cpu.yaml
-	$(PYTHON) -m carp_fast.eval.knn --ckpt runs/demo --train data/demo/train --val data/demo/val \
-		--image-size 48 --k 10 20 --num-workers 2 --compare-random --json runs/demo/knn.json
+	$(PYTHON) tools/run_demo.py
 
 test: install-test
 	$(PYTHON) -m pytest -q

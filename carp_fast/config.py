@@ -66,6 +66,12 @@ class DataConfig:
         _non_negative(self, "dali_host_memory_padding")
         if not self.path:
             raise ConfigError("data.path must name the training data")
+        if self.generate_demo and self.backend == "ffcv":
+            raise ConfigError(
+                "data.generate_demo writes an ImageFolder tree, but data.backend=ffcv reads a "
+                ".beton file: set data.generate_demo=false and convert the images with "
+                "tools/convert_imagenet_ffcv.py"
+            )
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import platform
 import shlex
@@ -115,12 +116,24 @@ def versions() -> dict:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
     }
-    for name, module in (("ffcv", "ffcv"), ("dali", "nvidia.dali"), ("numba", "numba")):
-        try:
-            found[name] = __import__(module, fromlist=["__version__"]).__version__
-        except Exception:  # absent, or broken in this environment: record as missing
-            found[name] = None
+    # Read from the installed distributions, not by importing: importing FFCV sets torch
+    # to one thread, which would change every figure measured after the record is taken.
+    for name, distributions in (
+        ("ffcv", ("ffcv",)),
+        ("dali", ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110", "nvidia-dali")),
+        ("numba", ("numba",)),
+    ):
+        found[name] = _installed_version(distributions)
     return found
+
+
+def _installed_version(distributions: tuple[str, ...]) -> str | None:
+    for distribution in distributions:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def run_record(argv: list[str] | None = None) -> dict:

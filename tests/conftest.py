@@ -97,17 +97,25 @@ needs_ffcv = pytest.mark.skipif(
 )
 
 
-def load_converter():
-    """tools/convert_imagenet_ffcv.py as a module, loaded once per process.
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
 
-    Registered by name, so that dataclasses and the pickling of work for the worker
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, loaded once per process.
+
+    Registered by name, so that dataclasses and the pickling of work for worker
     processes find it; a second load would replace the functions already handed out.
+    The tools import their siblings by name, as they do when run as scripts.
     """
-    name = "convert_imagenet_ffcv"
+    if str(TOOLS) not in sys.path:
+        sys.path.append(str(TOOLS))
     if name not in sys.modules:
-        path = Path(__file__).resolve().parent.parent / "tools" / "convert_imagenet_ffcv.py"
-        spec = importlib.util.spec_from_file_location(name, path)
+        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_converter():
+    return load_tool("convert_imagenet_ffcv")

@@ -46,6 +46,7 @@ def test_unknown_key_names_the_closest_valid_one():
         ("model.partition_size=0", "must be positive"),
         ("crops.local_scale=[0.5,0.1]", "low <= high"),
         ("train", "section.key=value"),
+        ("data.backend=ffcv", "data.generate_demo writes an ImageFolder tree"),  # demo sets it
     ],
 )
 def test_bad_values_are_named(override, message):

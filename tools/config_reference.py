@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+import readme_sections
 from carp_fast.config import field_docs
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 
@@ -35,27 +34,11 @@ def table() -> str:
     return "\n".join(rows)
 
 
-def render(text: str) -> str:
-    if START not in text or END not in text:
-        raise SystemExit(f"{README} lacks the {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{table()}\n{END}{tail}"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args()
-    text = README.read_text()
-    new = render(text)
-    if args.check:
-        if new != text:
-            print("README.md config reference is out of date: run python tools/config_reference.py")
-            return 1
-        return 0
-    README.write_text(new)
-    return 0
+    return readme_sections.update(START, END, table(), args.check, "python tools/config_reference.py")
 
 
 if __name__ == "__main__":

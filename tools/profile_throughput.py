@@ -2,8 +2,8 @@
 speed-up over the published recipe on the same machine.
 
     python tools/profile_throughput.py --cfg fast_400ep.yaml data.path=... \
-        [--device cpu|cuda] [--backends torchvision,ffcv,dali] [--steps N] \
-        [--baseline] [--compile] [--json OUT.json]
+        [--device cpu|cuda] [--backends torchvision,ffcv,dali] [--data-path ffcv=X.beton] \
+        [--steps N] [--baseline] [--compile] [--json OUT.json]
 
 Measures, each on its own and then together:
   1. loaders: images/s of finished MultiCropBatch on the device per backend, and of the
@@ -15,7 +15,9 @@ Measures, each on its own and then together:
 ``--baseline`` also runs the published recipe's way of training on identical inputs
 (NCHW, fp16 autocast + GradScaler on GPU, the published loss formulation, per-parameter
 Python LARS and EMA loops) and reports carp_fast's speed-up over it. ``--compile``
-measures compute with and without torch.compile of the backbone.
+measures compute with and without torch.compile of the backbone. ``--data-path``
+gives one backend its own input (a .beton for ffcv, shards for dali), so that one run
+times backends whose data formats differ.
 """
 
 from __future__ import annotations
@@ -56,31 +58,59 @@ def images_per_second(images: int, seconds: float) -> float:
 
 
 # ----------------------------------------------------------------------------- loaders
-def time_loader(cfg, device, backend: str, device_augment: bool, steps: int, warmup: int) -> dict:
-    """Batches/s of one loader, after ``warmup`` batches (workers started, caches warm)."""
+# Per-backend data paths (``--data-path ffcv=train.beton``): one run can time backends
+# whose inputs differ (an ImageFolder tree, a .beton file, webdataset shards).
+DATA_PATHS: dict[str, str] = {}
+
+
+def config_for_backend(cfg, backend: str):
     cfg = copy.deepcopy(cfg)
     cfg.data.backend = backend
+    if backend in DATA_PATHS:
+        cfg.data.path = DATA_PATHS[backend]
+        cfg.data.generate_demo = False  # an explicit input: nothing to generate there
+    return cfg
+
+
+def time_loader(cfg, device, backend: str, device_augment: bool, steps: int, warmup: int,
+                min_seconds: float = 0.0) -> dict:
+    """Images/s of one loader, after ``warmup`` batches (workers started, caches warm).
+
+    Times at least ``steps`` batches and at least ``min_seconds`` of waiting: a producer
+    that makes a batch in milliseconds would otherwise be timed over a window short
+    enough for its prefetch queue and the machine's noise to decide the figure.
+    """
+    cfg = config_for_backend(cfg, backend)
     dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.amp == "bf16" else None
     loader = build_loader(cfg, device, device_augment=device_augment, dtype=dtype)
-    needed = warmup + steps
     per_epoch = len(loader)
+    if per_epoch == 0:
+        raise ValueError(f"{cfg.data.path} holds fewer images than one batch of {cfg.data.batch_size}")
+    most = warmup + max(steps, 100 * per_epoch)  # a bound for loaders faster than the clock
     times = []
     done = 0
     epoch = 0
-    while done < needed:
+
+    def finished() -> bool:
+        return done >= most or (len(times) >= steps and sum(times) >= min_seconds)
+
+    # Ending and starting epochs (order, workers, queues) is part of what a loader costs:
+    # the clock runs from one batch to the next, so it is charged to each epoch's first.
+    start = time.perf_counter()
+    while not finished():
         loader.set_epoch(epoch)
         iterator = iter(loader)
         for _ in range(per_epoch):
-            if done >= needed:
+            if finished():
                 break
-            start = time.perf_counter()
             batch = next(iterator)
             # Intended sync: the batch must really be on the device before the clock stops.
             synchronize(device)
-            elapsed = time.perf_counter() - start
+            now = time.perf_counter()
             if done >= warmup:
-                times.append(elapsed)
+                times.append(now - start)
             done += 1
+            start = time.perf_counter()
         del iterator
         epoch += 1
     batch_size = batch.batch_size
@@ -317,20 +347,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None)
     parser.add_argument("--backends", default="torchvision")
+    parser.add_argument("--data-path", action="append", default=[], metavar="BACKEND=PATH",
+                        help="data.path for one backend (repeatable), e.g. ffcv=data/train.beton")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loader-seconds", type=float, default=3.0,
+                        help="time each loader for at least this long (and at least --steps batches)")
     parser.add_argument("--loss-reps", type=int, default=5)
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile(backbone)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    for item in args.data_path:
+        backend, sep, path = item.partition("=")
+        if not sep or not path:
+            parser.error(f"--data-path takes BACKEND=PATH, got {item!r}")
+        DATA_PATHS[backend] = path
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     overrides = [*args.overrides, f"train.device={device.type}"]
     cfg = load_config(args.cfg, overrides)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    report = {**profiling.run_record(), "device": str(device),
+    record = profiling.run_record(None if argv is None else ["tools/profile_throughput.py", *argv])
+    report = {**record, "device": str(device),
               "shape": {"batch_per_process": cfg.data.batch_size,
                         "views": f"{cfg.crops.global_number}x{cfg.crops.global_size}"
                                  f"+{cfg.crops.local_number}x{cfg.crops.local_size}",
@@ -342,10 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     report["loaders"] = {}
     for backend in backends:
         try:
-            entry = time_loader(cfg, device, backend, True, args.steps, args.warmup)
+            entry = time_loader(cfg, device, backend, True, args.steps, args.warmup, args.loader_seconds)
             if backend in PRODUCER_BACKENDS:
-                producer = time_loader(cfg, device, backend, False, args.steps, args.warmup)
+                producer = time_loader(cfg, device, backend, False, args.steps, args.warmup,
+                                       args.loader_seconds)
                 entry["producer_images_per_s"] = producer["images_per_s"]
+                entry["producer_batches"] = producer["batches"]
             report["loaders"][backend] = entry
         except Exception as error:  # an optional backend missing here
             report["loaders"][backend] = {"error": f"{type(error).__name__}: {error}"}
@@ -367,8 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if working:
         backend = next(iter(working))
-        loader_cfg = copy.deepcopy(cfg)
-        loader_cfg.data.backend = backend
+        loader_cfg = config_for_backend(cfg, backend)
         dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.amp == "bf16" else None
         loader = build_loader(loader_cfg, device, dtype=dtype)
         full = carp_fast_steps(loader_cfg, device, min(args.steps, len(loader) - args.warmup),

@@ -2,8 +2,14 @@
 
 Generated deterministically from a seed when absent, in ImageFolder layout
 (``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``), so every backend reads it.
-Colour carries no class information (colour jitter and grayscale would erase it anyway):
-the classes differ in shape, so the encoder has to learn geometry.
+
+Designed so that what two random crops of one image share is the kind of shape, and
+little else: every image holds three to five light shapes of its class, at random
+sizes and places, on a noisy grey background of random brightness. Self-supervised
+methods learn whatever is most consistent between crops, so the images deliberately
+avoid per-image colours (in an earlier version each image had its own background and
+shape colour; colour jitter keeps enough of a colour to tell images apart, so the
+network learnt colour, and k-NN on shape classes stayed near chance).
 """
 
 from __future__ import annotations
@@ -17,65 +23,61 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes")
+VERSION = "demo dataset v2"
 
 
-def _random_colour(rng: np.random.Generator, low: int = 0, high: int = 256) -> tuple[int, int, int]:
-    return tuple(int(c) for c in rng.integers(low, high, size=3))
-
-
-def _draw(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
-    background = rng.integers(0, 256, size=3)
-    noise = rng.normal(0, 18, size=(size, size, 3))
-    base = np.clip(background + noise, 0, 255).astype(np.uint8)
-    image = Image.fromarray(base)
-    draw = ImageDraw.Draw(image)
-    colour = _random_colour(rng)
-    # Keep the shape distinguishable from the background whatever colours come up.
-    if sum(abs(c - int(b)) for c, b in zip(colour, background)) < 150:
-        colour = tuple(255 - int(b) for b in background)
-    radius = rng.uniform(0.22, 0.38) * size
-    cx, cy = rng.uniform(radius, size - radius, size=2)
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, radius: float,
+                shade: int, rng: np.random.Generator) -> None:
+    colour = (shade, shade, shade)
     box = (cx - radius, cy - radius, cx + radius, cy + radius)
     if kind == "disc":
         draw.ellipse(box, fill=colour)
-    elif kind == "square":
-        angle = rng.uniform(0, np.pi / 2)
-        corners = [
-            (cx + radius * np.cos(angle + k * np.pi / 2), cy + radius * np.sin(angle + k * np.pi / 2))
-            for k in range(4)
+    elif kind in ("square", "triangle"):
+        corners = 4 if kind == "square" else 3
+        angle = rng.uniform(0, 2 * np.pi / corners)
+        points = [
+            (cx + radius * np.cos(angle + k * 2 * np.pi / corners),
+             cy + radius * np.sin(angle + k * 2 * np.pi / corners))
+            for k in range(corners)
         ]
-        draw.polygon(corners, fill=colour)
-    elif kind == "triangle":
-        angle = rng.uniform(0, 2 * np.pi)
-        corners = [
-            (cx + radius * np.cos(angle + k * 2 * np.pi / 3), cy + radius * np.sin(angle + k * 2 * np.pi / 3))
-            for k in range(3)
-        ]
-        draw.polygon(corners, fill=colour)
+        draw.polygon(points, fill=colour)
     elif kind == "ring":
         draw.ellipse(box, outline=colour, width=max(2, int(radius * 0.3)))
     elif kind == "cross":
         arm = max(2, int(radius * 0.35))
         draw.rectangle((cx - radius, cy - arm, cx + radius, cy + arm), fill=colour)
         draw.rectangle((cx - arm, cy - radius, cx + arm, cy + radius), fill=colour)
-    elif kind == "stripes":
-        period = rng.uniform(0.1, 0.18) * size
+    elif kind == "stripes":  # a patch of parallel bars
+        period = radius * rng.uniform(0.45, 0.6)
         vertical = rng.random() < 0.5
-        for k in range(int(size / period) + 1):
-            start = k * period
+        offset = -radius
+        while offset < radius:
             if vertical:
-                draw.rectangle((start, 0, start + period / 2, size), fill=colour)
+                draw.rectangle((cx + offset, cy - radius, cx + offset + period / 2, cy + radius), fill=colour)
             else:
-                draw.rectangle((0, start, size, start + period / 2), fill=colour)
+                draw.rectangle((cx - radius, cy + offset, cx + radius, cy + offset + period / 2), fill=colour)
+            offset += period
     else:
         raise ValueError(f"unknown demo class {kind!r}")
+
+
+def _draw(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    grey = rng.uniform(90, 150)
+    noise = rng.normal(0, 14, size=(size, size, 1))
+    pixels = np.repeat(np.clip(grey + noise, 0, 255), 3, axis=2).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 6))):
+        radius = rng.uniform(0.11, 0.2) * size
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        _draw_shape(draw, kind, cx, cy, radius, int(rng.uniform(215, 255)), rng)
     return image
 
 
 def generate_demo_dataset(
     root: str | Path,
-    train_per_class: int = 100,
-    val_per_class: int = 25,
+    train_per_class: int = 200,
+    val_per_class: int = 100,
     size: int = 96,
     seed: int = 0,
     classes: tuple[str, ...] = CLASSES,
@@ -83,13 +85,19 @@ def generate_demo_dataset(
     """Write the demo dataset under ``root`` unless it is already complete; returns root.
 
     Written into a temporary sibling folder and renamed into place, so an interrupted
-    generation never leaves a half-filled dataset that looks complete.
+    generation never leaves a half-filled dataset that looks complete. A dataset that an
+    older version of this generator wrote (its marker names another version) is replaced,
+    with whatever was derived from it inside ``root``; anything else already at ``root``
+    is left alone and refused.
     """
     root = Path(root)
     marker = root / ".complete"
+    outdated = None
     if marker.exists():
-        return root
-    if root.exists() and any(root.iterdir()):
+        if marker.read_text().strip() == VERSION:
+            return root
+        outdated = marker.read_text().strip()
+    elif root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists, is not empty and is not a complete demo dataset")
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -101,13 +109,17 @@ def generate_demo_dataset(
                 folder.mkdir(parents=True)
                 for index in range(per_class):
                     _draw(name, size, rng).save(folder / f"{name}_{index:04d}.jpg", quality=90)
-        (staging / ".complete").write_text("demo dataset v1\n")
-        if root.exists():
+        (staging / ".complete").write_text(VERSION + "\n")
+        if outdated is not None:
+            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
+            os.replace(root, retired / root.name)
+            shutil.rmtree(retired)
+        elif root.exists():
             root.rmdir()
         os.replace(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        if marker.exists():  # another process finished the same dataset first
-            return root
+        if marker.exists() and marker.read_text().strip() == VERSION:
+            return root  # another process finished the same dataset first
         raise
     return root

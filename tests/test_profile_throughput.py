@@ -1,0 +1,90 @@
+"""tools/profile_throughput.py at a tiny shape on CPU, and the README report built from it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import load_tool, tiny_overrides
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_dataset, tmp_path_factory):
+    """One profiler run over every stage, with one backend that cannot be built here."""
+    tmp = tmp_path_factory.mktemp("profile")
+    out = tmp / "profile.json"
+    profiler = load_tool("profile_throughput")
+    overrides = tiny_overrides(tiny_dataset / "train", tmp / "run", data__batch_size=4)
+    status = profiler.main(["--cfg", "demo_cpu.yaml", *overrides, "--device", "cpu",
+                            "--backends", "torchvision,ffcv", "--data-path", f"ffcv={tmp / 'absent.beton'}",
+                            "--steps", "2", "--warmup", "1", "--loader-seconds", "0", "--loss-reps", "1",
+                            "--baseline",
+                            "--json", str(out)])
+    assert status == 0
+    return json.loads(out.read_text())
+
+
+def test_profile_holds_every_stage_with_its_provenance(profile):
+    loader = profile["loaders"]["torchvision"]
+    assert loader["images_per_s"] > 0 and loader["batch_size"] == 4 and loader["batches"] == 2
+    assert profile["compute"]["images_per_s"] > 0
+    assert set(profile["full_step"]["phase_share"]) == {"data", "forward", "loss", "backward", "optimizer"}
+    assert sum(profile["full_step"]["phase_share"].values()) == pytest.approx(1.0)
+    for impl in ("reference", "fused"):
+        assert profile["loss"][impl]["median_s"] > 0
+    assert profile["baseline"]["images_per_s"] > 0
+    assert profile["speedup_over_baseline"] == pytest.approx(
+        profile["compute"]["images_per_s"] / profile["baseline"]["images_per_s"])
+    assert profile["verdict"].startswith(("data-bound", "compute-bound"))
+    assert profile["machine"]["cores"] >= 1 and profile["versions"]["torch"]
+    assert "profile_throughput" in profile["command"]
+
+
+def test_a_backend_that_cannot_load_is_reported_by_name(profile):
+    # --data-path sent the ffcv backend to a file that does not exist.
+    assert "absent.beton" in profile["loaders"]["ffcv"]["error"]
+    assert "ffcv" not in profile["loaders_flat"]
+
+
+def test_bad_data_path_argument_is_refused():
+    done = subprocess.run([sys.executable, "tools/profile_throughput.py", "--cfg", "demo_cpu.yaml",
+                           "--data-path", "ffcv"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "BACKEND=PATH" in done.stderr
+
+
+def test_report_renders_a_profile_with_its_machine_and_command(profile):
+    report = load_tool("performance_report")
+    text = report.table([("profile_cpu.json", profile)])
+    row = text.splitlines()[2]
+    assert "torchvision loader" in row and "published recipe" in row and profile["verdict"] in row
+    assert "profile_throughput.py" in row and "[profile_cpu.json](benchmarks/profile_cpu.json)" in row
+
+
+def test_report_lists_a_json_it_cannot_render():
+    report = load_tool("performance_report")
+    assert "`mystery.json`" in report.table([("mystery.json", {"anything": 1})])
+
+
+def test_readme_results_and_chart_are_current():
+    done = subprocess.run([sys.executable, "tools/performance_report.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_recording_versions_leaves_torch_threads_alone():
+    import torch
+
+    from carp_fast import profiling
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        found = profiling.versions()
+        assert torch.get_num_threads() == 2  # importing FFCV would have set it to 1
+    finally:
+        torch.set_num_threads(before)
+    assert found["torch"] == torch.__version__

@@ -1,0 +1,248 @@
+"""Regenerate the README's measured results from the JSON recorded under benchmarks/.
+
+    python tools/performance_report.py          # rewrite README.md and the chart in place
+    python tools/performance_report.py --check  # exit 1 if either is out of date
+
+Every benchmark tool writes one JSON with its figures, machine, versions, commit and
+command; this turns each kind into a table row with that provenance, so the README
+never states a number that is not on disk. Kinds are recognised by their keys (see
+RENDERERS); a JSON of an unknown kind is listed by name so that it is not silently
+dropped. The chart (benchmarks/performance.svg) plots the ratios that read better as
+bars: loader images/s and loss time, each against the published way of doing it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import sys
+from pathlib import Path
+
+import readme_sections
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+CHART = BENCHMARKS / "performance.svg"
+START = "<!-- performance:start -->"
+END = "<!-- performance:end -->"
+
+
+def _machine(record: dict) -> str:
+    machine = record.get("machine") or {}
+    gpu = machine.get("gpu") or machine.get("gpu_name")
+    cpu = machine.get("cpu") or record.get("cpu_model") or "?"
+    cores = machine.get("cores") or record.get("cpu_count")
+    text = f"{gpu}" if gpu else f"{cpu}, {cores} cores" if cores else cpu
+    return text
+
+
+def _command(record: dict) -> str:
+    command = record.get("command", "?")
+    command = command.replace(sys.executable, "python").replace(f"{ROOT}/", "")
+    if not command.startswith("python"):
+        command = "python " + command
+    return f"`{command}`"
+
+
+def _num(value, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+# ------------------------------------------------------------------------- per kind
+def loss_row(name: str, r: dict) -> list[str]:
+    s = r["shape"]
+    ms, mib, ratios = r["median_ms"], r["peak_extra_memory_mib"], r["ratios"]
+    what = (f"CARP loss fwd+bwd, {r['dtype']}, {r['device']}, Vs={s['views_student']} Vt={s['views_teacher']} "
+            f"B={s['batch']} K={s['prototypes']:,} P={s['group_size']}, {r.get('torch_threads', '?')} thread(s)")
+    result = (f"fused {_num(ms['fused'])} ms vs reference {_num(ms['reference'])} ms "
+              f"({ratios['reference_time_over_fused']:.1f}×), compiled {_num(ms.get('compiled'))} ms, "
+              f"published {_num(ms.get('published'))} ms ({ratios.get('published_time_over_fused', float('nan')):.1f}×)")
+    if mib.get("fused") is not None and mib.get("reference"):
+        result += (f"; peak extra memory {_num(mib['fused'])} vs {_num(mib['reference'])} MiB "
+                   f"({mib['fused'] / mib['reference']:.3f}; the student gradient alone is "
+                   f"{_num(r.get('student_grad_mib'))} MiB)")
+    return [what, result]
+
+
+def loaders_row(name: str, r: dict) -> list[str]:
+    ips, settings = r["images_per_s"], r["settings"]
+    what = (f"FFCV producer vs the published torchvision loader, {settings['crops']}, "
+            f"{settings['workers']} workers, batch {settings['batch_size']}")
+    result = (f"{_num(ips['ffcv_producer']['median'])} vs {_num(ips['torchvision']['median'])} images/s "
+              f"({r['ratios']['ffcv_producer_over_torchvision']:.1f}×); producer + augmentation on CPU "
+              f"{_num(ips['ffcv_full']['median'])}")
+    return [what, result]
+
+
+def dali_row(name: str, r: dict) -> list[str]:
+    res, setup = r["results"], r["setup"]
+    what = (f"DALI producer (CPU mode, {setup['dali_threads']} threads) vs torchvision, {setup['crops']}, "
+            f"batch {setup['batch_size']}")
+    result = (f"{_num(res['dali_producer']['images_per_s_median'])} vs "
+              f"{_num(res['torchvision']['images_per_s_median'])} images/s "
+              f"({r['speedup_dali_producer_over_torchvision']['ratio_of_medians']:.1f}×)")
+    return [what, result]
+
+
+def soak_row(name: str, r: dict) -> list[str]:
+    ips = r["images_per_s"]
+    growth = ", ".join(f"{g:+.0f}" for g in r["rss_growth_after_warmup_mib_per_rank"])
+    settings = dict(re.findall(r"(data\.batch_size|crops\.global_size|crops\.local_size)=(\d+)",
+                               r.get("train_command", "")))
+    shrunk = ", ".join(f"{k}={v}" for k, v in settings.items())
+    what = (f"soak: 2-process DDP on CPU, {r['steps']:,} steps of the demo recipe"
+            + (f" ({shrunk})" if shrunk else ""))
+    result = (f"RSS growth after step {r['warmup_steps']}: {growth} MiB per rank; images/s median "
+              f"{_num(ips['first_quarter_median'])} in the first quarter, {_num(ips['last_quarter_median'])} in the last")
+    return [what, result]
+
+
+def profile_row(name: str, r: dict) -> list[str]:
+    shape = r["shape"]
+    what = (f"profile, {r['device']}: {shape['arch']}, {shape['views']}, batch {shape['batch_per_process']}, "
+            f"K={shape['prototypes']:,} P={shape['partition']}, amp {shape['amp']}")
+    parts = [f"compute {_num(r['compute']['images_per_s'])} images/s"]
+    if "baseline" in r:
+        parts.append(f"published recipe {_num(r['baseline']['images_per_s'])} images/s "
+                     f"({r['speedup_over_baseline']:.2f}×)")
+    for backend, entry in r.get("loaders", {}).items():
+        if "images_per_s" in entry:
+            producer = entry.get("producer_images_per_s")
+            parts.append(f"{backend} loader {_num(entry['images_per_s'])}"
+                         + (f" (producer {_num(producer)})" if producer else "") + " images/s")
+    if "full_step" in r:
+        share = r["full_step"].get("phase_share", {})
+        parts.append("full step " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
+    parts.append(r["verdict"])
+    return [what, "; ".join(parts)]
+
+
+def check_row(name: str, r: dict) -> list[str]:
+    compared = {k: v for k, v in r["comparisons"].items() if "ratio" in v}
+    what = (f"profiler loader figures vs an independent timing ({r['config']}, tolerance "
+            f"±{r['tolerance']:.0%})")
+    cells = [f"{k.replace('.images_per_s', '').replace('_images_per_s', '')} {v['profiler']:.1f}/{v['independent']:.1f}"
+             f" ({v['ratio']:.2f})" for k, v in compared.items()]
+    result = (f"profiler ran {r['profiler']['wall_s']:.0f} s; profiler/independent images/s: "
+              + ", ".join(cells) + f"; {'all agree' if r['passed'] else 'NOT all agree'}")
+    return [what, result]
+
+
+def demo_row(name: str, r: dict) -> list[str]:
+    knn = r["knn"]
+    what = (f"`make demo`: {r['steps']} steps of {r['arch']}, {r['views']}, then 10-NN on "
+            f"{knn['num_val']} held-out images ({knn['num_classes']} classes)")
+    result = (f"training {r['train_wall_s'] / 60:.1f} min ({_num(r['images_per_s'])} images/s); "
+              f"k-NN top-1 trained {knn['trained_top1']:.1f} % vs random init {knn['random_top1']:.1f} % "
+              f"(chance {100 / knn['num_classes']:.1f} %)")
+    return [what, result]
+
+
+# Recognised by keys every JSON of that kind has; the first match wins.
+RENDERERS = (
+    (("median_ms", "peak_extra_memory_mib"), loss_row),
+    (("images_per_s", "settings", "augment_only"), loaders_row),
+    (("results", "speedup_dali_producer_over_torchvision"), dali_row),
+    (("rss_growth_after_warmup_mib_per_rank",), soak_row),
+    (("comparisons", "profiler"), check_row),
+    (("compute", "verdict", "shape"), profile_row),
+    (("knn", "train_wall_s"), demo_row),
+)
+
+
+def records() -> list[tuple[str, dict]]:
+    return [(path.name, json.loads(path.read_text())) for path in sorted(BENCHMARKS.glob("*.json"))]
+
+
+def table(entries: list[tuple[str, dict]]) -> str:
+    rows = ["| what | result | machine | command | JSON |", "| --- | --- | --- | --- | --- |"]
+    unknown = []
+    for name, record in entries:
+        renderer = next((fn for keys, fn in RENDERERS if all(k in record for k in keys)), None)
+        if renderer is None:
+            unknown.append(name)
+            continue
+        what, result = renderer(name, record)
+        rows.append(f"| {what} | {result} | {_machine(record)} | {_command(record)} | "
+                    f"[{name}](benchmarks/{name}) |")
+    text = "\n".join(rows)
+    if unknown:
+        text += "\n\nNot rendered (unknown kind): " + ", ".join(f"`{n}`" for n in unknown)
+    return text
+
+
+# ---------------------------------------------------------------------------- chart
+def chart_bars(entries: list[tuple[str, dict]]) -> list[tuple[str, list[tuple[str, float, str]]]]:
+    """Panels of (label, value, unit) bars: loader images/s and loss milliseconds."""
+    panels = []
+    for name, r in entries:
+        if "augment_only" in r and "images_per_s" in r:
+            ips = r["images_per_s"]
+            panels.append((f"CPU loaders, images/s, higher is better ({name})", [
+                ("torchvision (published)", ips["torchvision"]["median"], "img/s"),
+                ("FFCV producer", ips["ffcv_producer"]["median"], "img/s")]))
+        elif "speedup_dali_producer_over_torchvision" in r:
+            res = r["results"]
+            panels.append((f"CPU loaders, images/s, higher is better ({name})", [
+                ("torchvision (published)", res["torchvision"]["images_per_s_median"], "img/s"),
+                ("DALI producer, CPU mode", res["dali_producer"]["images_per_s_median"], "img/s")]))
+        elif "median_ms" in r and r.get("torch_threads", 0) > 1:
+            ms = r["median_ms"]
+            panels.append((f"CARP loss fwd+bwd on {r['device']}, ms, lower is better ({name})", [
+                (impl, ms[impl], "ms") for impl in ("published", "reference", "compiled", "fused") if ms.get(impl)]))
+    return panels
+
+
+def chart_svg(panels) -> str:
+    width, label_w, bar_w, row_h, title_h = 720, 200, 420, 22, 28
+    height = sum(title_h + row_h * len(bars) + 12 for _, bars in panels) + 10
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>']
+    y = 10
+    for title, bars in panels:
+        out.append(f'<text x="10" y="{y + 16}" font-weight="bold">{html.escape(title)}</text>')
+        y += title_h
+        top = max(value for _, value, _ in bars)
+        for label, value, unit in bars:
+            length = bar_w * value / top
+            out.append(f'<text x="10" y="{y + 15}">{html.escape(label)}</text>')
+            out.append(f'<rect x="{label_w}" y="{y + 3}" width="{length:.1f}" height="{row_h - 6}" fill="#4a7bb7"/>')
+            out.append(f'<text x="{label_w + length + 6:.1f}" y="{y + 15}">{value:,.1f} {unit}</text>')
+            y += row_h
+        y += 12
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def section(entries) -> str:
+    chart = "![CPU loader and loss figures](benchmarks/performance.svg)\n\n" if chart_bars(entries) else ""
+    return (
+        "Generated by `python tools/performance_report.py` from the JSON under `benchmarks/`\n"
+        "(each holds its machine, versions, commit and command; ratios were measured within\n"
+        "one run, and speeds on the shared 2-core CI machine are lower bounds).\n\n"
+        + chart + table(entries)
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args()
+    entries = records()
+    svg = chart_svg(chart_bars(entries))
+    stale_chart = not CHART.exists() or CHART.read_text() != svg
+    if args.check:
+        status = readme_sections.update(START, END, section(entries), True, "python tools/performance_report.py")
+        if stale_chart:
+            print(f"{CHART} is out of date: run python tools/performance_report.py")
+            return 1
+        return status
+    CHART.write_text(svg)
+    return readme_sections.update(START, END, section(entries), False, "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
