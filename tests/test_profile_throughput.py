@@ -88,3 +88,10 @@ def test_recording_versions_leaves_torch_threads_alone():
     finally:
         torch.set_num_threads(before)
     assert found["torch"] == torch.__version__
+
+
+def test_report_commands_read_the_same_from_any_checkout():
+    report = load_tool("performance_report")
+    recorded = {"command": "/opt/py/bin/python3.12 /home/someone/carp_fast/tools/bench_loss.py "
+                           "--json /home/someone/carp_fast/benchmarks/loss.json --lr 0.5"}
+    assert report._command(recorded) == "`python tools/bench_loss.py --json benchmarks/loss.json --lr 0.5`"

@@ -43,13 +43,13 @@ def data_paths(backends: list[str]) -> dict[str, str]:
     from carp_fast.data.demo import generate_demo_dataset
 
     generate_demo_dataset(DEMO)
-    paths = {b: str(DEMO / "train") for b in backends}
+    paths = {b: str((DEMO / "train").relative_to(ROOT)) for b in backends}
     if "ffcv" in backends:
         beton = DEMO / "train.beton"
         if not beton.exists():
             subprocess.run([sys.executable, str(ROOT / "tools" / "convert_imagenet_ffcv.py"),
                             str(DEMO / "train"), str(beton), "--workers", "2"], check=True)
-        paths["ffcv"] = str(beton)
+        paths["ffcv"] = str(beton.relative_to(ROOT))
     return paths
 
 
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
 
     profile_json = args.profile_json
-    cmd = [sys.executable, str(ROOT / "tools" / "profile_throughput.py"), "--cfg", CONFIG,
+    # Paths relative to the repository root (the cwd of both runs), so records read the same anywhere.
+    cmd = [sys.executable, "tools/profile_throughput.py", "--cfg", CONFIG,
            "--device", "cpu", "--backends", ",".join(backends), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--loader-seconds", str(args.loader_seconds),
            "--baseline", "--json", str(profile_json),

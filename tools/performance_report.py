@@ -39,8 +39,10 @@ def _machine(record: dict) -> str:
 
 
 def _command(record: dict) -> str:
+    """The recorded command as run from the repository root, whichever machine ran it."""
     command = record.get("command", "?")
-    command = command.replace(sys.executable, "python").replace(f"{ROOT}/", "")
+    command = re.sub(r"^\S*/python[\d.]*(?=\s)", "python", command)  # the interpreter's path
+    command = re.sub(r"(?<![\w.])/\S*?/(?=(tools|data|benchmarks|configs|runs)/)", "", command)  # the checkout's
     if not command.startswith("python"):
         command = "python " + command
     return f"`{command}`"
