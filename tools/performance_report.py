@@ -106,11 +106,15 @@ def profile_row(name: str, r: dict) -> list[str]:
     what = (f"profile, {r['device']}: {shape['arch']}, {shape['views']}, batch {shape['batch_per_process']}, "
             f"K={shape['prototypes']:,} P={shape['partition']}, amp {shape['amp']}")
     parts = [f"compute {_num(r['compute']['images_per_s'])} images/s"]
+    if "images_per_s" in r.get("compute_compiled", {}):
+        compiled = r["compute_compiled"]["images_per_s"]
+        parts.append(f"with torch.compile(backbone) {_num(compiled)} images/s "
+                     f"({compiled / r['compute']['images_per_s']:.2f}×)")
     if "baseline" in r:
         parts.append(f"published recipe {_num(r['baseline']['images_per_s'])} images/s "
                      f"({r['speedup_over_baseline']:.2f}×)")
     for backend, entry in r.get("loaders", {}).items():
-        if "images_per_s" in entry:
+        if "images_per_s" in entry and backend != "synthetic":
             producer = entry.get("producer_images_per_s")
             parts.append(f"{backend} loader {_num(entry['images_per_s'])}"
                          + (f" (producer {_num(producer)})" if producer else "") + " images/s")
