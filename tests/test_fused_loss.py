@@ -61,6 +61,18 @@ def _assert_grad_close(actual, expected, rel=1e-5):
     torch.testing.assert_close(actual, expected, rtol=rel, atol=rel * scale)
 
 
+def _assert_compiled_matches_eager(step, student, teacher):
+    """torch.compile(step, fullgraph=True) gives eager's loss and student gradient (fp32, 1e-6)."""
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        s = student.clone().requires_grad_(True)
+        loss = fn(s, teacher)
+        loss.backward()
+        results.append((loss.detach(), s.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    _assert_grad_close(results[1][1], results[0][1], rel=1e-6)
+
+
 @needs_extension
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("weights", [(0.7, 1.3), (1.0, 0.0), (0.0, 1.0)], ids=["both", "c", "h"])
@@ -221,15 +233,7 @@ def test_torch_compile_fullgraph_matches_eager():
         consistency, entropy = carp_loss(s, t, 24, impl="fused")
         return 0.7 * consistency + 1.3 * entropy
 
-    compiled = torch.compile(step, fullgraph=True)
-    results = []
-    for fn in (step, compiled):
-        s = student.clone().requires_grad_(True)
-        loss = fn(s, teacher)
-        loss.backward()
-        results.append((loss.detach(), s.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
-    _assert_grad_close(results[1][1], results[0][1], rel=1e-6)
+    _assert_compiled_matches_eager(step, student, teacher)
 
 
 @needs_extension
@@ -383,11 +387,4 @@ def test_cuda_torch_compile_fullgraph_matches_eager():
         consistency, entropy = carp_loss(s, t, 512, impl="fused")
         return consistency + entropy
 
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        s = student.clone().requires_grad_(True)
-        loss = fn(s, teacher)
-        loss.backward()
-        results.append((loss.detach(), s.grad))
-    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
-    _assert_grad_close(results[1][1], results[0][1], rel=1e-6)
+    _assert_compiled_matches_eager(step, student, teacher)
