@@ -81,7 +81,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
 ext_modules, cmdclass = _extensions()

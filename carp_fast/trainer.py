@@ -143,9 +143,11 @@ class Trainer:
 
         self.student_forward: nn.Module = self.student
         if cfg.train.compile:
-            # In-place compile keeps state-dict keys free of `_orig_mod.` prefixes.
-            self.student.backbone.compile()
-            self.teacher.backbone.compile()
+            # In-place compile keeps state-dict keys free of `_orig_mod.` prefixes. Static
+            # shapes: the two crop sizes get a graph each, rather than the second size
+            # recompiling both into one dynamic-shape graph with slower kernels.
+            self.student.backbone.compile(dynamic=False)
+            self.teacher.backbone.compile(dynamic=False)
         if self.env.world_size > 1:
             self.student_forward = nn.parallel.DistributedDataParallel(
                 self.student,

@@ -1,20 +1,29 @@
 // CUDA kernels of the fused CARP loss (maths in partition_softmax.h).
 //
-// Layout of the work: a thread block owns one group g and a chunk of images; thread t owns
-// the columns c = t, t + blockDim, ... of that group in every row it touches. So every
-// per-column quantity (the teacher probabilities q_j[c], the probability sum S_g[c]) is
-// read and written by one thread only and needs no synchronisation, and only per-row
-// scalars (max, sum, agreements, <p, dL/dp>) go through block reductions.
+// Two layouts of the same maths:
 //
-// Determinism: every reduction has a fixed shape (warp butterfly, then the warps' values
-// added in warp order by one thread), and S_g is accumulated per chunk of images then
-// summed over chunks in chunk order by a second small kernel. No atomics anywhere, and the
+// Row-per-warp ("warp" kernels, used when the group size P is 128, 256, 512 or 1024 and the
+// views fit a block): one warp owns one view's row of a (image, group) slice, lane l holding
+// columns l, l + 32, ... in registers. Each logit is read from DRAM once, goes through one
+// exp, and every per-row reduction is a warp shuffle; only the teacher probabilities q_j
+// (which every student row needs) pass through shared memory. This is the fast path: at the
+// published shape (P = 512) a lane holds 16 values per row.
+//
+// Column-per-thread ("blocked" kernels, any P): a thread block owns one group g and a chunk
+// of images; thread t owns the columns c = t, t + blockDim, ... of that group in every row it
+// touches, so every per-column quantity (q_j[c], the probability sum S_g[c]) is read and
+// written by one thread only, and per-row scalars go through block reductions. Rows are
+// re-read for each pass (max, sum, probabilities); the repeats mostly hit L1/L2.
+// CARP_FAST_CUDA_KERNELS=blocked forces these everywhere (to compare the two).
+//
+// Determinism: every reduction has a fixed shape (warp butterfly, then warps or rows added
+// in a fixed order by one thread), and S_g is accumulated per chunk of images then summed
+// over chunks in chunk order by a second small kernel. No atomics anywhere, and the
 // chunking depends on the shapes only, so two runs on the same GPU agree bit for bit.
 //
-// Traffic: the forward reads each logit once from DRAM (the repeat passes over a row hit
-// L1/L2: a block's working set is (Vs + Vt) * P elements), the backward reads the logits
-// once and writes the student gradient once. Nothing of the logits' size is allocated
-// besides that gradient.
+// Traffic: the forward reads each logit once from DRAM, the backward reads the logits once
+// and writes the student gradient once. Nothing of the logits' size is allocated besides
+// that gradient.
 //
 // ATen/cuda/CUDAContext.h is avoided on purpose: it pulls in the cuSPARSE/cuBLAS headers,
 // which a minimal toolkit (nvcc + cudart) does not ship.
@@ -26,6 +35,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
 #include "partition_softmax.h"
 
@@ -360,6 +372,228 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ---- Row-per-warp kernels ---------------------------------------------------------------
+
+// Views (rows) a warp kernel's block may hold: one warp each, and a bound on the block that
+// leaves each thread up to 128 registers for P = 1024 (32 values per row in registers).
+constexpr int kWarpKernelMaxRows = 16;
+
+// Lane `lane`'s kElems values of one row: columns lane, lane + 32, ... so that each load
+// instruction of the warp reads 32 consecutive elements (coalesced, any alignment).
+template <int kElems, typename X>
+__device__ __forceinline__ void load_row(const X* __restrict__ row, int lane, float (&v)[kElems]) {
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) v[k] = static_cast<float>(row[k * kWarpSize + lane]);
+}
+
+// Turns a row held in registers into its softmax, in place; returns (max, 1 / sum) of
+// exp(x - max), the stats the backward recomputes p from. Per lane:
+//   m = max over the warp of x_c;  e_c = exp(x_c - m);  r = 1 / (warp sum of e_c);  p_c = e_c r
+template <int kElems>
+__device__ __forceinline__ float2 softmax_in_registers(float (&v)[kElems]) {
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) m = nan_max(m, v[k]);
+  m = warp_max(m);
+  float sum = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) {
+    v[k] = exp_shifted(v[k], m);
+    sum += v[k];
+  }
+  const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) v[k] *= inv;
+  return make_float2(m, inv);
+}
+
+// Forward for one (group, chunk of images), warp w holding row w of each image (teacher
+// views first, then the students). Per image b:
+//   every warp:    p (or q) = softmax of its row in registers, stats (m, r) written by lane 0,
+//                  S_gc += its probabilities (registers, summed over the chunk's images)
+//   teacher warps: q_j -> shared memory (double-buffered by image parity, so one barrier
+//                  per image orders the writes of image b after the reads of image b - 2)
+//   student warps: a_ij = warp sum of p_ic q_jc; lane 0 writes it and adds
+//                  -log clamp(a_ij, eps, 1 - eps) for i != j to its running loss
+// At the end the rows' S_g are added in row order through shared memory, and the warps'
+// losses in warp order, so the result is fixed by the shapes.
+template <int kElems, typename S, typename T>
+__global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
+    forward_warp_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
+                        int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
+  extern __shared__ float smem[];
+  constexpr int64_t P = kElems * kWarpSize;
+  const int num_teacher = static_cast<int>(s.num_teacher);
+  const int rows = num_teacher + static_cast<int>(s.num_student);
+  float* q = smem;                                               // [2, Vt, P]
+  float* total = q + 2 * num_teacher * P;                        // [P]
+  double* row_loss = reinterpret_cast<double*>(total + P);       // [rows] (P * 4 bytes: aligned)
+
+  const int64_t group = blockIdx.x / chunks;
+  const int64_t chunk = blockIdx.x % chunks;
+  const int lane = threadIdx.x % kWarpSize;
+  const int row = threadIdx.x / kWarpSize;
+  const bool is_teacher = row < num_teacher;
+  const int64_t view = is_teacher ? row : row - num_teacher;
+  const int64_t width = s.num_groups * P;
+  const int64_t stride_view = s.batch * width;
+  float* stats_base = is_teacher ? out.teacher_stats : out.student_stats;
+
+  float row_total[kElems];
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) row_total[k] = 0.0f;
+  double loss = 0.0;
+
+  const int64_t b_end = min(s.batch, (chunk + 1) * batch_per_chunk);
+  for (int64_t b = chunk * batch_per_chunk; b < b_end; ++b) {
+    const int64_t offset = view * stride_view + b * width + group * P;
+    float v[kElems];
+    if (is_teacher) {
+      load_row<kElems>(teacher + offset, lane, v);
+    } else {
+      load_row<kElems>(student + offset, lane, v);
+    }
+    const float2 stats = softmax_in_registers<kElems>(v);
+    const int64_t slice = b * s.num_groups + group;
+    if (lane == 0) {
+      float* dst = stats_base + (view * s.batch * s.num_groups + slice) * 2;
+      dst[0] = stats.x;
+      dst[1] = stats.y;
+    }
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) row_total[k] += v[k];
+
+    float* q_image = q + (b & 1) * num_teacher * P;
+    if (is_teacher) {
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) q_image[view * P + k * kWarpSize + lane] = v[k];
+    }
+    __syncthreads();
+    if (!is_teacher) {
+      for (int j = 0; j < num_teacher; ++j) {
+        float a = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kElems; ++k) a += v[k] * q_image[j * P + k * kWarpSize + lane];
+        a = warp_sum(a);
+        if (lane == 0) {
+          out.agreement[((view * num_teacher + j) * s.batch + b) * s.num_groups + group] = a;
+          if (view != j) loss -= log(static_cast<double>(clamp_agreement(a)));
+        }
+      }
+    }
+  }
+
+  // S_g of the chunk: the rows' sums added in row order (row 0 writes, the others add).
+  for (int r = 0; r < rows; ++r) {
+    if (row == r) {
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        const int64_t c = k * kWarpSize + lane;
+        total[c] = r == 0 ? row_total[k] : total[c] + row_total[k];
+      }
+    }
+    __syncthreads();
+  }
+  float* partial = out.partial + (chunk * s.num_groups + group) * P;
+  for (int64_t c = threadIdx.x; c < P; c += blockDim.x) partial[c] = total[c];
+
+  if (lane == 0) row_loss[row] = loss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double block_loss = 0.0;
+    for (int r = 0; r < rows; ++r) block_loss += row_loss[r];
+    out.loss_partial[blockIdx.x] = block_loss;
+  }
+}
+
+// Backward for one (image b, group g), warp i holding student row i. The block first
+// recomputes the teacher probabilities q_j = exp(t_j - m_j) r_j into shared memory (all
+// threads, any columns), then each warp, with p recomputed in registers from its saved
+// (m, r):
+//   w_ij    = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the clamp, else 0
+//   dL/dp_c = dL/dS_gc + sum_j w_ij q_jc       (registers)
+//   s_i     = <p, dL/dp>                       (warp sum)
+//   dL/dx_c = p_c (dL/dp_c - s_i)              written once
+template <int kElems, typename S, typename T>
+__global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
+    backward_warp_kernel(const S* __restrict__ student, const T* __restrict__ teacher,
+                         LossShape s, BackwardIn in, S* __restrict__ grad_student) {
+  extern __shared__ float smem[];
+  constexpr int64_t P = kElems * kWarpSize;
+  const int num_teacher = static_cast<int>(s.num_teacher);
+  float* q = smem;  // [Vt, P]
+
+  const int64_t b = blockIdx.x / s.num_groups;
+  const int64_t group = blockIdx.x % s.num_groups;
+  const int64_t slice = b * s.num_groups + group;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t i = threadIdx.x / kWarpSize;
+  const int64_t width = s.num_groups * P;
+  const int64_t stride_view = s.batch * width;
+  const int64_t offset = b * width + group * P;
+
+  for (int j = 0; j < num_teacher; ++j) {
+    const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
+    const float m = stats[0], inv = stats[1];
+    for (int64_t c = threadIdx.x; c < P; c += blockDim.x) {
+      q[j * P + c] =
+          exp_shifted(static_cast<float>(teacher[j * stride_view + offset + c]), m) * inv;
+    }
+  }
+
+  // Everything of this warp's row that does not need q, while the block fills it.
+  const float* stats = in.student_stats + (i * s.batch * s.num_groups + slice) * 2;
+  const float m = stats[0], inv = stats[1];
+  float p[kElems];
+  load_row<kElems>(student + i * stride_view + offset, lane, p);
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) p[k] = exp_shifted(p[k], m) * inv;
+  float d[kElems];
+  const float* grad_total = in.grad_prob_sum + group * P;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) d[k] = grad_total[k * kWarpSize + lane];
+  const float grad_per_term = *in.grad_consistency * in.inv_terms;
+  __syncthreads();
+
+  for (int j = 0; j < num_teacher; ++j) {
+    const float a = in.agreement[((i * num_teacher + j) * s.batch + b) * s.num_groups + group];
+    // torch's clamp passes the gradient on the closed interval [eps, 1 - eps].
+    const bool inside = a >= kAgreementMin && a <= kAgreementMax;
+    const float w = (i != j && inside) ? -grad_per_term / a : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) d[k] += w * q[j * P + k * kWarpSize + lane];
+  }
+  float dot = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) dot += p[k] * d[k];
+  dot = warp_sum(dot);
+  S* grad_row = grad_student + i * stride_view + offset;
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) {
+    grad_row[k * kWarpSize + lane] = static_cast<S>(p[k] * (d[k] - dot));
+  }
+}
+
+// Calls f(std::integral_constant<int, P / 32>{}) for the group sizes the warp kernels are
+// built for; false (and no call) for the others.
+template <typename F>
+bool with_warp_elems(int64_t group_size, F&& f) {
+  switch (group_size) {
+    case 128: f(std::integral_constant<int, 4>{}); return true;
+    case 256: f(std::integral_constant<int, 8>{}); return true;
+    case 512: f(std::integral_constant<int, 16>{}); return true;
+    case 1024: f(std::integral_constant<int, 32>{}); return true;
+    default: return false;
+  }
+}
+
+// CARP_FAST_CUDA_KERNELS=blocked turns the warp kernels off (read per call, so a benchmark
+// or test can compare both in one process).
+bool warp_kernels_allowed() {
+  const char* choice = std::getenv("CARP_FAST_CUDA_KERNELS");
+  return choice == nullptr || std::strcmp(choice, "blocked") != 0;
+}
+
 int threads_for(int64_t group_size) {
   const int64_t want = (group_size + kColumnsPerThread - 1) / kColumnsPerThread;
   const int64_t rounded = (want + kWarpSize - 1) / kWarpSize * kWarpSize;
@@ -431,9 +665,25 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
                        partial.data_ptr<float>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
+  // The warp kernels' shared memory: q double-buffered, S_g of the block, the rows' losses.
+  const int64_t warp_shared_bytes =
+      static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size +
+      static_cast<int64_t>(sizeof(double)) * rows;
+  const bool warp_path = warp_kernels_allowed() && rows <= kWarpKernelMaxRows &&
+                         warp_shared_bytes <= kDefaultSharedBytes;
+
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
+    const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
+      forward_warp_kernel<decltype(elems)::value, S, T>
+          <<<static_cast<unsigned>(blocks), static_cast<unsigned>(rows * kWarpSize),
+             warp_shared_bytes, stream>>>(student.const_data_ptr<S>(),
+                                          teacher.const_data_ptr<T>(), s, chunks,
+                                          batch_per_chunk, out);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (launched) return;
     auto kernel = forward_kernel<S, T>;
     reserve_shared_memory(kernel, shared_bytes, s);
     kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
@@ -481,9 +731,23 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
       teacher_stats.const_data_ptr<float>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
+  const int64_t warp_shared_bytes =
+      static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.group_size;
+  const bool warp_path = warp_kernels_allowed() && s.num_student <= kWarpKernelMaxRows &&
+                         warp_shared_bytes <= kDefaultSharedBytes;
+
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
+    const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
+      backward_warp_kernel<decltype(elems)::value, S, T>
+          <<<static_cast<unsigned>(s.batch * s.num_groups),
+             static_cast<unsigned>(s.num_student * kWarpSize), warp_shared_bytes, stream>>>(
+              student.const_data_ptr<S>(), teacher.const_data_ptr<T>(), s, in,
+              grad_student.data_ptr<S>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (launched) return;
     auto kernel = backward_kernel<S, T>;
     reserve_shared_memory(kernel, shared_bytes, s);
     kernel<<<static_cast<unsigned>(s.batch * s.num_groups), threads, shared_bytes, stream>>>(

@@ -323,13 +323,32 @@ def test_two_process_gloo_matches_single_process():
 
 # ---- GPU ------------------------------------------------------------------------------
 
+# Group sizes 128-1024 take the row-per-warp kernels, the others the blocked ones; the last
+# shapes cross the warp kernels' limits (P = 4096; 18 rows in the forward but 16 students
+# in the backward), so one op call mixes both.
+CUDA_SHAPES = SHAPES + [
+    (3, 2, 3, 1, 128),
+    (2, 2, 3, 3, 256),
+    (1, 2, 3, 2, 128),
+    (8, 2, 5, 4, 512),
+    (4, 3, 2, 2, 1024),
+    (6, 5, 2, 2, 256),
+    (3, 2, 2, 2, 4096),
+    (16, 2, 2, 1, 128),
+]
+
+
+@pytest.fixture(params=["auto", "blocked"])
+def cuda_kernels(request, monkeypatch):
+    """Runs a test on the default CUDA kernels (warp ones where they apply) and the blocked ones."""
+    monkeypatch.setenv("CARP_FAST_CUDA_KERNELS", request.param)
+    return request.param
+
 
 @needs_extension
 @pytest.mark.cuda
-@pytest.mark.parametrize(
-    "shape", SHAPES + [(8, 2, 5, 4, 512), (3, 2, 2, 2, 4096)], ids=lambda s: "x".join(map(str, s))
-)
-def test_cuda_matches_reference_fp32(shape):
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_matches_reference_fp32(shape, cuda_kernels):
     student, teacher = _logits(*shape, device="cuda")
     c_ref, h_ref, g_ref = _loss_and_grad("reference", student, teacher, shape[-1])
     c, h, g = _loss_and_grad("fused", student, teacher, shape[-1])
@@ -341,13 +360,14 @@ def test_cuda_matches_reference_fp32(shape):
 @needs_extension
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_cuda_half_precision_error_bounded_by_reference(dtype):
-    _assert_within_twice_reference(_half_precision_errors("cuda", dtype))
+@pytest.mark.parametrize("group_size", [24, 256])
+def test_cuda_half_precision_error_bounded_by_reference(dtype, group_size, cuda_kernels):
+    _assert_within_twice_reference(_half_precision_errors("cuda", dtype, (4, 2, 3, 3, group_size)))
 
 
 @needs_extension
 @pytest.mark.cuda
-def test_cuda_deterministic_and_agrees_with_cpu():
+def test_cuda_deterministic_and_agrees_with_cpu(cuda_kernels):
     student, teacher = _logits(8, 2, 16, 8, 512, device="cuda")
     first = _loss_and_grad("fused", student, teacher, 512)
     again = _loss_and_grad("fused", student, teacher, 512)
@@ -361,20 +381,41 @@ def test_cuda_deterministic_and_agrees_with_cpu():
 
 @needs_extension
 @pytest.mark.cuda
-def test_cuda_clamp_region_and_opcheck():
-    student, teacher = _logits(3, 2, 3, 2, 24, device="cuda")
+@pytest.mark.parametrize("group_size", [24, 128])
+def test_cuda_clamp_region_and_opcheck(group_size, cuda_kernels):
+    p = group_size
+    student, teacher = _logits(3, 2, 3, 2, p, device="cuda")
     student[:, 0] = -60.0
-    student[:, 0, 0::24] = 60.0
+    student[:, 0, 0::p] = 60.0
     teacher[:, 0] = -60.0
-    teacher[:, 0, 5::24] = 60.0
-    c_ref, h_ref, g_ref = _loss_and_grad("reference", student, teacher, 24)
-    c, h, g = _loss_and_grad("fused", student, teacher, 24)
+    teacher[:, 0, 5::p] = 60.0
+    c_ref, h_ref, g_ref = _loss_and_grad("reference", student, teacher, p)
+    c, h, g = _loss_and_grad("fused", student, teacher, p)
     torch.testing.assert_close((c, h), (c_ref, h_ref), rtol=1e-5, atol=1e-7)
     _assert_grad_close(g, g_ref)
     torch.library.opcheck(
         torch.ops.carp_fast.partition_softmax_forward.default,
-        (student.requires_grad_(True), teacher, 24),
+        (student.requires_grad_(True), teacher, p),
     )
+
+
+@needs_extension
+@pytest.mark.cuda
+def test_cuda_bf16_kernels_agree_at_the_published_shape(monkeypatch):
+    # The two CUDA layouts sum in different orders; at the published group size and bf16
+    # logits they must still agree to fp32 rounding, and write every gradient entry.
+    student, teacher = _logits(8, 2, 64, 16, 512, device="cuda")
+    student, teacher = student.bfloat16(), teacher.bfloat16()
+    results = {}
+    for choice in ("auto", "blocked"):
+        monkeypatch.setenv("CARP_FAST_CUDA_KERNELS", choice)
+        results[choice] = _loss_and_grad("fused", student, teacher, 512)
+    (c_w, h_w, g_w), (c_b, h_b, g_b) = results["auto"], results["blocked"]
+    assert torch.isfinite(g_w.float()).all()
+    torch.testing.assert_close(c_w, c_b, rtol=1e-5, atol=0)
+    torch.testing.assert_close(h_w, h_b, rtol=1e-5, atol=1e-7)
+    # bf16 gradients: one rounding of the same fp32 value, so at most one bf16 ulp apart.
+    torch.testing.assert_close(g_w.float(), g_b.float(), rtol=2**-7, atol=1e-3 * g_b.float().abs().max().item())
 
 
 @needs_extension

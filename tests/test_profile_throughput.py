@@ -95,3 +95,37 @@ def test_report_commands_read_the_same_from_any_checkout():
     recorded = {"command": "/opt/py/bin/python3.12 /home/someone/carp_fast/tools/bench_loss.py "
                            "--json /home/someone/carp_fast/benchmarks/loss.json --lr 0.5"}
     assert report._command(recorded) == "`python tools/bench_loss.py --json benchmarks/loss.json --lr 0.5`"
+
+
+def test_fit_batch_takes_the_largest_that_fits_and_only_forgives_out_of_memory(monkeypatch):
+    import torch
+
+    profiler = load_tool("profile_throughput")
+    seen = []
+
+    def fake_steps(cfg, device, steps, warmup, loader=None, timed_phases=True):
+        seen.append(("carp_fast", cfg.data.batch_size))
+        if cfg.data.batch_size > 24:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def fake_baseline(cfg, device, steps, warmup):
+        seen.append(("baseline", cfg.data.batch_size))
+        if cfg.data.batch_size > 16:
+            raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(profiler, "carp_fast_steps", fake_steps)
+    monkeypatch.setattr(profiler, "baseline_steps", fake_baseline)
+    cfg = profiler.load_config("demo_cpu.yaml", [])
+    fit = profiler.largest_fitting_batch(cfg, torch.device("cpu"), [16, 32, 24, 8], baseline=True)
+    assert fit == {"chosen": 16, "tried": {32: "out of memory", 24: "out of memory", 16: "fits"}}
+    assert cfg.data.batch_size != 32  # the caller's config is not touched
+    assert profiler.largest_fitting_batch(cfg, torch.device("cpu"), [32, 24], baseline=False)["chosen"] == 24
+    with pytest.raises(RuntimeError, match=r"no batch size in \[64, 32\] fits"):
+        profiler.largest_fitting_batch(cfg, torch.device("cpu"), [32, 64], baseline=False)
+
+    def broken(*args, **kwargs):
+        raise ValueError("a shape error, not memory")
+
+    monkeypatch.setattr(profiler, "carp_fast_steps", broken)
+    with pytest.raises(ValueError, match="shape error"):
+        profiler.largest_fitting_batch(cfg, torch.device("cpu"), [8], baseline=False)

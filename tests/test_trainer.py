@@ -101,3 +101,34 @@ def test_warm_start_refuses_another_architecture(tiny_config, tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="do not fit"):
         Trainer(tiny_config(train__out_dir=str(tmp_path / "warm34"), model__arch="resnet34",
                             model__init_weights=str(tmp_path / "donor")))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_cuda_fast_path_matches_the_plain_fp32_step(tiny_config, tmp_path, amp):
+    # The production path (mixed precision, channels-last, fused loss on the warp kernels
+    # since P = 128, multi-tensor LARS and EMA on the GPU) against plain fp32 with the
+    # reference loss: the same first-step loss within mixed-precision rounding, and a few
+    # more steps that stay finite and move both networks.
+    shared = dict(train__device="cuda", model__num_prototypes=256, model__partition_size=128)
+    plain = Trainer(tiny_config(train__out_dir=str(tmp_path / "plain"), train__amp="off",
+                                model__channels_last=False, train__loss_impl="reference",
+                                train__max_steps=1, **shared))
+    plain.fit()
+    fast = Trainer(tiny_config(train__out_dir=str(tmp_path / "fast"), train__amp=amp,
+                               model__channels_last=True, train__loss_impl="fused",
+                               train__max_steps=4, **shared))
+    student_before = [p.detach().clone() for p in fast.student.parameters()]
+    teacher_before = [p.detach().clone() for p in fast.teacher.parameters()]
+    fast.fit()
+
+    def metrics(trainer):
+        return [json.loads(l) for l in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
+
+    first_plain, fast_lines = metrics(plain)[0], metrics(fast)
+    assert len(fast_lines) == 4 and all(torch.isfinite(torch.tensor(l["loss"])) for l in fast_lines)
+    assert fast_lines[0]["loss"] == pytest.approx(first_plain["loss"], rel=2e-2)
+    assert all(p.is_cuda for p in fast.student.parameters())
+    moved = [not torch.equal(a, b) for a, b in zip(student_before, fast.student.parameters())]
+    assert sum(moved) > len(moved) // 2
+    assert any(not torch.equal(a, b) for a, b in zip(teacher_before, fast.teacher.parameters()))

@@ -9,9 +9,14 @@ Implementations (--impls):
   reference  carp_fast.loss.reference_carp_loss on partition-ordered logits
   compiled   torch.compile(reference_carp_loss)
   fused      carp_fast.fused_loss.fused_carp_loss (the csrc/ kernels)
+  fused_blocked  the same on CUDA with CARP_FAST_CUDA_KERNELS=blocked (the any-P kernels)
 
-Time: median wall time of forward + backward over --reps, the implementations interleaved
-rep by rep so that a noisy (shared) machine disturbs them alike. Peak extra memory: what one
+Time: median of forward + backward over --reps (wall clock on CPU, CUDA events on GPU), the
+implementations interleaved rep by rep so that a noisy (shared) machine disturbs them alike.
+On CUDA the fused operators are also timed alone, and set against the memory roofline: the
+bytes they must move (each logit read once by the forward, once by the backward, the
+gradient written once, plus their small outputs) over their time, against the device-to-device
+copy bandwidth measured in the same run and against the datasheet peak of known GPUs. Peak extra memory: what one
 forward + backward allocates above the inputs, the student gradient included. On CUDA that
 is torch.cuda.max_memory_allocated over the step minus what was allocated before; on CPU
 each implementation runs in a fresh process with glibc told to mmap every allocation of
@@ -22,6 +27,7 @@ resident set (VmHWM, reset through /proc/self/clear_refs) over one step is read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from carp_fast.loss import EPS, draw_partition, reference_carp_loss  # noqa: E402  (after the path fix)
 
-IMPLS = ("published", "reference", "compiled", "fused")
+IMPLS = ("published", "reference", "compiled", "fused", "fused_blocked")
+DEFAULT_IMPLS = ("published", "reference", "compiled", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -81,7 +88,7 @@ def make_loss(impl: str, args: argparse.Namespace):
     if impl == "compiled":
         compiled = torch.compile(reference_carp_loss)
         return lambda s, t: compiled(s, t, args.group)
-    if impl == "fused":
+    if impl in ("fused", "fused_blocked"):
         from carp_fast import fused_loss
 
         if not fused_loss.is_available():
@@ -98,6 +105,23 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     teacher = torch.randn(args.views_teacher, *shape, generator=generator) * 3
     student = student.to(args.device, dtype).requires_grad_(True)
     return student, teacher.to(args.device, dtype)
+
+
+@contextlib.contextmanager
+def kernel_choice(impl: str):
+    """CARP_FAST_CUDA_KERNELS=blocked while ``fused_blocked`` runs (forward and backward)."""
+    if impl != "fused_blocked":
+        yield
+        return
+    previous = os.environ.get("CARP_FAST_CUDA_KERNELS")
+    os.environ["CARP_FAST_CUDA_KERNELS"] = "blocked"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CARP_FAST_CUDA_KERNELS"]
+        else:
+            os.environ["CARP_FAST_CUDA_KERNELS"] = previous
 
 
 def synchronize(device: str) -> None:
@@ -173,6 +197,90 @@ def cuda_peak_memory(loss_fn, student: torch.Tensor, teacher: torch.Tensor) -> i
     return torch.cuda.max_memory_allocated() - before
 
 
+# ---- CUDA: kernels alone against the memory roofline ------------------------------------
+
+# Datasheet HBM bandwidth (bytes/s) of the GPUs this project is measured on; leads only,
+# the copy bandwidth measured in the same run is the ceiling the ratio is also given against.
+DATASHEET_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12,
+                       "H200": 4.8e12, "A100-SXM4-80GB": 2.039e12, "A100-SXM4-40GB": 1.555e12}
+
+
+def datasheet_bandwidth(name: str) -> float | None:
+    """The datasheet bandwidth of the most specific known name inside ``name``, or None."""
+    keys = [key for key in DATASHEET_BANDWIDTH if key in name]
+    return DATASHEET_BANDWIDTH[max(keys, key=len)] if keys else None
+
+
+def cuda_event_ms(fn, reps: int, warmup: int = 3) -> list[float]:
+    """Per-call device time of ``fn`` (ms), each call between its own pair of events."""
+    for _ in range(warmup):
+        fn()
+    pairs = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        pairs.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
+def copy_bandwidth(device: str, reps: int, gib: float = 2.0) -> dict:
+    """Device-to-device copy of ``gib`` GiB of random data, bytes read + written per second."""
+    source = torch.randn(int(gib * 2**30) // 4, device=device)
+    target = torch.empty_like(source)
+    times = cuda_event_ms(lambda: target.copy_(source), reps)
+    moved = 2 * source.numel() * source.element_size()
+    del source, target
+    return {"bytes": moved, "median_ms": statistics.median(times),
+            "bytes_per_s": moved / (statistics.median(times) / 1e3)}
+
+
+def fused_roofline(student: torch.Tensor, teacher: torch.Tensor, group: int, reps: int,
+                   bandwidth: float, peak: float | None) -> dict:
+    """The fused forward and backward operators alone, against the bytes they must move."""
+    ops = torch.ops.carp_fast
+    student = student.detach()
+    out = ops.partition_softmax_forward(student, teacher, group)
+    _, agreement, student_stats, teacher_stats, prob_sum = out
+    grad_consistency = torch.ones((), device=student.device)
+    grad_prob_sum = torch.randn_like(prob_sum)
+
+    def nbytes(*tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    logits = nbytes(student, teacher)
+    small_out = nbytes(*out)
+    must_move = {
+        "forward": logits + small_out,
+        "backward": logits + nbytes(student)  # the gradient
+        + nbytes(agreement, student_stats, teacher_stats, grad_prob_sum, grad_consistency),
+    }
+    calls = {
+        "forward": lambda: ops.partition_softmax_forward(student, teacher, group),
+        "backward": lambda: ops.partition_softmax_backward(
+            grad_consistency, grad_prob_sum, student, teacher, agreement, student_stats,
+            teacher_stats, group),
+    }
+    result = {}
+    for name, call in calls.items():
+        median_ms = statistics.median(cuda_event_ms(call, reps))
+        achieved = must_move[name] / (median_ms / 1e3)
+        result[name] = {"median_ms": median_ms, "must_move_bytes": must_move[name],
+                        "bytes_per_s": achieved, "of_copy_bandwidth": achieved / bandwidth,
+                        "of_datasheet_peak": achieved / peak if peak else None}
+    total_ms = result["forward"]["median_ms"] + result["backward"]["median_ms"]
+    total_bytes = must_move["forward"] + must_move["backward"]
+    result["forward_backward"] = {
+        "median_ms": total_ms, "must_move_bytes": total_bytes,
+        "bytes_per_s": total_bytes / (total_ms / 1e3),
+        "of_copy_bandwidth": total_bytes / (total_ms / 1e3) / bandwidth,
+        "of_datasheet_peak": total_bytes / (total_ms / 1e3) / peak if peak else None,
+    }
+    return result
+
+
 # ---- Provenance -------------------------------------------------------------------------
 
 
@@ -195,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
-        "--impls", default=",".join(IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
+        "--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
@@ -219,22 +327,40 @@ def main(argv: list[str] | None = None) -> dict:
     loss_fns = {impl: make_loss(impl, args) for impl in impls}
     values = {}
     for impl in impls:
-        for _ in range(args.warmup):
-            consistency, entropy = step(loss_fns[impl], student, teacher)
+        with kernel_choice(impl):
+            for _ in range(args.warmup):
+                consistency, entropy = step(loss_fns[impl], student, teacher)
         values[impl] = (consistency.item(), entropy.item())
     synchronize(args.device)
 
     times: dict[str, list[float]] = {impl: [] for impl in impls}
     for _ in range(args.reps):
         for impl in impls:
-            synchronize(args.device)
-            start = time.perf_counter()
-            step(loss_fns[impl], student, teacher)
-            synchronize(args.device)
-            times[impl].append(time.perf_counter() - start)
+            with kernel_choice(impl):
+                if on_cuda:
+                    # Device time of the whole step (launch gaps included) on CUDA events.
+                    (ms,) = cuda_event_ms(lambda: step(loss_fns[impl], student, teacher), 1, 0)
+                    times[impl].append(ms / 1e3)
+                    continue
+                start = time.perf_counter()
+                step(loss_fns[impl], student, teacher)
+                times[impl].append(time.perf_counter() - start)
 
+    roofline = None
     if on_cuda:
-        memory = {impl: cuda_peak_memory(loss_fns[impl], student, teacher) for impl in impls}
+        memory = {}
+        for impl in impls:
+            with kernel_choice(impl):
+                memory[impl] = cuda_peak_memory(loss_fns[impl], student, teacher)
+        if "fused" in impls:
+            bandwidth = copy_bandwidth(args.device, args.reps)
+            peak = datasheet_bandwidth(torch.cuda.get_device_name(args.device))
+            roofline = {"copy": bandwidth, "datasheet_bytes_per_s": peak, "kernels": {}}
+            for impl in ("fused", "fused_blocked"):
+                if impl in impls:
+                    with kernel_choice(impl):
+                        roofline["kernels"][impl] = fused_roofline(
+                            student, teacher, args.group, args.reps, bandwidth["bytes_per_s"], peak)
         memory_method = "torch.cuda.max_memory_allocated during one step minus allocated before"
     else:
         del loss_fns
@@ -295,6 +421,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "memory_method": memory_method,
         "ratios": ratios,
+        "roofline": roofline,
         "values": {impl: {"consistency": c, "entropy": h} for impl, (c, h) in values.items()},
     }
     for impl in impls:
@@ -306,6 +433,14 @@ def main(argv: list[str] | None = None) -> dict:
         )
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
+    if roofline:
+        print(f"copy bandwidth {roofline['copy']['bytes_per_s'] / 1e12:.2f} TB/s; "
+              f"datasheet {roofline['datasheet_bytes_per_s'] or float('nan'):.3g} B/s")
+        for impl, kernels in roofline["kernels"].items():
+            for name, entry in kernels.items():
+                print(f"  {impl:>13} {name:>16}: {entry['median_ms']:7.3f} ms  "
+                      f"{entry['bytes_per_s'] / 1e12:5.2f} TB/s = {entry['of_copy_bandwidth']:.0%} of copy"
+                      + (f", {entry['of_datasheet_peak']:.0%} of datasheet" if entry["of_datasheet_peak"] else ""))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

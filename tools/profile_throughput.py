@@ -264,8 +264,50 @@ def baseline_steps(cfg, device, steps: int, warmup: int) -> dict:
     }
 
 
+# ------------------------------------------------------------------------- batch size
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
+
+
+def release_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def largest_fitting_batch(cfg, device, candidates: list[int], baseline: bool) -> dict:
+    """The first of ``candidates`` (largest first) at which a carp_fast step, and the
+    baseline's when it is measured too, run without running out of device memory."""
+    tried = {}
+    for batch_size in sorted(candidates, reverse=True):
+        trial = copy.deepcopy(cfg)
+        trial.data.batch_size = batch_size
+        fits = True
+        try:
+            carp_fast_steps(trial, device, 1, 1, timed_phases=False)
+            release_device_memory()
+            if baseline:
+                baseline_steps(trial, device, 1, 1)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is a verdict here
+            if not is_out_of_memory(error):
+                raise
+            fits = False
+        # Outside the except block, so the traceback (and the tensors its frames hold) is gone.
+        release_device_memory()
+        tried[batch_size] = "fits" if fits else "out of memory"
+        if fits:
+            return {"chosen": batch_size, "tried": tried}
+    raise RuntimeError(f"no batch size in {sorted(candidates, reverse=True)} fits on {device}")
+
+
 # -------------------------------------------------------------------------------- loss
-def time_losses(cfg, device, reps: int, num_student: int, num_teacher: int) -> dict:
+LOSS_IMPLS = ("reference", "compiled", "fused")
+
+
+def time_losses(cfg, device, reps: int, num_student: int, num_teacher: int,
+                impls: tuple[str, ...] = LOSS_IMPLS) -> dict:
     width = (cfg.model.num_prototypes // cfg.model.partition_size) * cfg.model.partition_size
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     generator = torch.Generator().manual_seed(0)
@@ -275,7 +317,7 @@ def time_losses(cfg, device, reps: int, num_student: int, num_teacher: int) -> d
     results = {}
     impls = {"reference": "reference", "fused": "fused"}
     compiled = torch.compile(lambda s, t: carp_loss(s, t, cfg.model.partition_size, impl="reference"))
-    for name in ("reference", "compiled", "fused"):
+    for name in impls:
         if name == "compiled":
             fn = compiled
         else:
@@ -322,9 +364,13 @@ def print_table(report: dict) -> None:
           f"({compute['median_step_s'] * 1000:.1f} ms/step)")
     if "compute_compiled" in report:
         cc = report["compute_compiled"]
-        print(f"   with torch.compile(backbone): {cc.get('images_per_s', float('nan')):.1f} images/s")
+        if "error" in cc:
+            print(f"   with torch.compile(backbone): failed: {cc['error'][:200]}")
+        else:
+            print(f"   with torch.compile(backbone): {cc['images_per_s']:.1f} images/s "
+                  f"({cc['images_per_s'] / compute['images_per_s']:.2f}x eager)")
     print("\n== loss forward+backward (median)")
-    for name, entry in report["loss"].items():
+    for name, entry in report.get("loss", {}).items():
         if name == "shape":
             continue
         text = f"{entry['median_s'] * 1000:9.2f} ms" if "median_s" in entry else entry["error"][:80]
@@ -354,8 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loader-seconds", type=float, default=3.0,
                         help="time each loader for at least this long (and at least --steps batches)")
     parser.add_argument("--loss-reps", type=int, default=5)
+    parser.add_argument("--loss-impls", default=",".join(LOSS_IMPLS),
+                        help=f"loss implementations to time, a subset of {','.join(LOSS_IMPLS)}")
     parser.add_argument("--baseline", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile(backbone)")
+    parser.add_argument("--compute-only", action="store_true",
+                        help="measure compute on synthetic batches only (no loaders, loss or full step)")
+    parser.add_argument("--fit-batch", metavar="B1,B2,...",
+                        help="per-process batch sizes to try, largest first: profile at the largest "
+                             "that fits in device memory (with --baseline, for both recipes)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     for item in args.data_path:
@@ -369,6 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.cfg, overrides)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    batch_fit = None
+    if args.fit_batch:
+        try:
+            candidates = [int(b) for b in args.fit_batch.split(",") if b.strip()]
+        except ValueError:
+            parser.error(f"--fit-batch takes comma-separated integers, got {args.fit_batch!r}")
+        batch_fit = largest_fitting_batch(cfg, device, candidates, args.baseline)
+        cfg.data.batch_size = batch_fit["chosen"]
+        print(f"batch size per process: {batch_fit['chosen']} ({batch_fit['tried']})", flush=True)
     record = profiling.run_record(None if argv is None else ["tools/profile_throughput.py", *argv])
     report = {**record, "device": str(device),
               "shape": {"batch_per_process": cfg.data.batch_size,
@@ -376,9 +438,13 @@ def main(argv: list[str] | None = None) -> int:
                                  f"+{cfg.crops.local_number}x{cfg.crops.local_size}",
                         "arch": cfg.model.arch, "prototypes": cfg.model.num_prototypes,
                         "partition": cfg.model.partition_size, "amp": cfg.train.amp,
-                        "loss_impl": cfg.train.loss_impl}}
+                        "loss_impl": cfg.train.loss_impl},
+              "batch_fit": batch_fit}
 
-    backends = [b for b in args.backends.split(",") if b]
+    loss_impls = tuple(name for name in args.loss_impls.split(",") if name)
+    if set(loss_impls) - set(LOSS_IMPLS):
+        parser.error(f"--loss-impls takes names from {','.join(LOSS_IMPLS)}, got {args.loss_impls!r}")
+    backends = [] if args.compute_only else [b for b in args.backends.split(",") if b]
     report["loaders"] = {}
     for backend in backends:
         try:
@@ -404,8 +470,10 @@ def main(argv: list[str] | None = None) -> int:
             report["compute_compiled"] = carp_fast_steps(compiled_cfg, device, args.steps, args.warmup)
         except Exception as error:
             report["compute_compiled"] = {"error": f"{type(error).__name__}: {error}"}
-    report["loss"] = time_losses(cfg, device, args.loss_reps,
-                                 cfg.crops.global_number + cfg.crops.local_number, cfg.crops.global_number)
+    if not args.compute_only:
+        report["loss"] = time_losses(cfg, device, args.loss_reps,
+                                     cfg.crops.global_number + cfg.crops.local_number,
+                                     cfg.crops.global_number, loss_impls)
 
     if working:
         backend = next(iter(working))
