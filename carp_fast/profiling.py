@@ -70,6 +70,10 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD (+dirty), or CARP_FAST_COMMIT where the tree arrived without its history (a
+    copied working tree on a benchmark machine)."""
+    if os.environ.get("CARP_FAST_COMMIT"):
+        return os.environ["CARP_FAST_COMMIT"]
     try:
         result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, timeout=10)

@@ -26,7 +26,7 @@ def brute_force_knn(train, train_labels, test, test_labels, num_classes, k, temp
             votes[label] += math.exp(sim / temperature)
         ranked = sorted(range(num_classes), key=lambda c: -votes[c])[: min(5, k)]
         top1 += ranked[0] == target
-        top5 += target in ranked
+        top5 += target in ranked and votes[target] > 0  # no vote, no prediction
     n = len(test_labels)
     return 100.0 * top1 / n, 100.0 * top5 / n
 
@@ -52,6 +52,18 @@ def test_knn_matches_brute_force(temperature):
     # Chunking changes nothing.
     whole = knn.knn_classify(train, train_labels, test, test_labels, num_classes, ks, temperature)
     assert whole == results
+
+
+def test_top5_counts_only_classes_that_got_a_vote():
+    # One neighbour votes for one class: top-5 can be no better than top-1, whichever
+    # zero-vote classes topk happens to rank behind it.
+    generator = torch.Generator().manual_seed(5)
+    train, test = torch.randn(200, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    train_labels = torch.randint(0, 10, (200,), generator=generator)
+    test_labels = torch.randint(0, 10, (50,), generator=generator)
+    results = knn.knn_classify(train, train_labels, test, test_labels, 10, [1, 3])
+    assert results[1]["top5"] == results[1]["top1"]
+    assert results[3]["top1"] <= results[3]["top5"]
 
 
 def test_knn_top5_is_none_with_fewer_than_five_classes():

@@ -3,17 +3,20 @@
 # no internet). Within BUDGET seconds (default 450) it builds the extension, runs the GPU
 # tests, times the loss kernels against the memory roofline and profiles a production-shape
 # step (ResNet-50, 2x224 + 6x96, K = 65,536, P = 512, bf16, channels-last, the largest
-# per-GPU batch that fits) with and without the published baseline; with time left, it also
-# measures torch.compile of the backbone. Everything lands in $OUT (or ./gpu_check_out) as
+# per-GPU batch that fits), eager and with torch.compile of the backbone, against the
+# published baseline on the same inputs. Everything lands in $OUT (or ./gpu_check_out) as
 # at most eight files (JSON and logs), ready to be committed under benchmarks/.
 #
 #   bash tools/gpu_check.sh                 # on the GPU machine, from the repository root
 #   BATCHES=256 bash tools/gpu_check.sh     # per-GPU batch sizes to try, largest first
 #   BUDGET=300 bash tools/gpu_check.sh      # stop starting stages after 300 s
+#   TESTS_K=knn LOSS_IMPLS=published,fused bash tools/gpu_check.sh   # a shorter rerun
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${BUDGET:-450}
-BATCHES=${BATCHES:-512,448,384,320,256,192,128}
+BATCHES=${BATCHES:-640,512,384,256,128}
+TESTS_K=${TESTS_K:-not warp2}  # the first test run's pytest -k filter
+LOSS_IMPLS=${LOSS_IMPLS:-published,reference,compiled,fused,fused_blocked}  # (+ fused_warp2 if its tests pass)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_check.log"
@@ -41,9 +44,10 @@ run_stage() {
 log "device and versions"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 | tee -a "$LOG"
 python - <<'PY' 2>&1 | tee -a "$LOG"
-import subprocess, torch
+import torch
+from carp_fast.profiling import git_commit
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
-print("commit", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip())
+print("commit", git_commit(), "(CARP_FAST_COMMIT names it where the tree came without its history)")
 PY
 
 # Only the GPU in hand: sm_90 for H100/H200 (CARP_FAST_CUDA_ARCH overrides).
@@ -57,48 +61,45 @@ if ! timeout 240 python -m pip install -q --no-deps --no-build-isolation -e . > 
 fi
 python -c "from carp_fast import fused_loss as f; print('fused CUDA kernels:', f.supports_device('cuda'), f.unavailable_reason())" 2>&1 | tee -a "$LOG"
 
-# GPU tests on the default kernels (row-per-warp where they apply). If any fail, the blocked
-# kernels are tested on their own (a fault in one kernel poisons the CUDA context for every
-# later test in that process) and, if they pass, the rest of the run uses them.
+# GPU tests: first everything but the warp2 variant, then the warp2 tests in a process of
+# their own (a fault in one kernel poisons the CUDA context for every later test in that
+# process). If the first run fails, the blocked kernels are tested alone and, if they pass,
+# the rest of the run uses them.
 TESTS=(python -m pytest -q -m cuda -p no:cacheprovider tests)
-run_stage "GPU tests" 180 "${TESTS[@]}" > "$OUT/gpu_tests.log"
+run_stage "GPU tests (-k '$TESTS_K')" 150 "${TESTS[@]}" -k "$TESTS_K" > "$OUT/gpu_tests.log"
 tests_status=$?
-cat "$OUT/gpu_tests.log" | tail -40
+tail -30 "$OUT/gpu_tests.log"
 if ((tests_status != 0 && tests_status != 99)); then
-  CARP_FAST_CUDA_KERNELS=blocked run_stage "GPU tests, blocked kernels only" 150 \
-    "${TESTS[@]}" -k "not auto and not kernels_agree" >> "$OUT/gpu_tests.log"
+  CARP_FAST_CUDA_KERNELS=blocked run_stage "GPU tests, blocked kernels only" 120 \
+    "${TESTS[@]}" -k "not auto and not warp and not kernels_agree" >> "$OUT/gpu_tests.log"
   if (($? == 0)); then
     export CARP_FAST_CUDA_KERNELS=blocked
     log "the rest of the run uses CARP_FAST_CUDA_KERNELS=blocked"
   fi
 fi
+IMPLS=$LOSS_IMPLS
+run_stage "GPU tests of the warp2 kernels" 90 "${TESTS[@]}" -k warp2 >> "$OUT/gpu_tests.log" \
+  && IMPLS=$IMPLS,fused_warp2
+tail -5 "$OUT/gpu_tests.log"
 
-run_stage "loss at B=256, bf16: published, reference, compiled, fused (+ blocked kernels)" 150 \
+run_stage "loss at B=256, bf16: $IMPLS" 120 \
   python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 20 \
-  --impls published,reference,compiled,fused,fused_blocked --json "$OUT/loss_cuda_bf16.json"
+  --impls "$IMPLS" --json "$OUT/loss_cuda_bf16.json"
 
-PROFILE=(python tools/profile_throughput.py --cfg fast_400ep.yaml --device cuda
-  --backends synthetic --steps 15 --warmup 5 --loss-reps 10 --loss-impls reference,fused
-  --fit-batch "$BATCHES"
-  train.amp=bf16 model.channels_last=true)
-run_stage "profile: carp_fast vs the published baseline, largest batch that fits" 240 \
-  "${PROFILE[@]}" --baseline --json "$OUT/profile_gpu.json"
+# No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches,
+# eager and with torch.compile(backbone), against the published recipe on the same inputs.
+run_stage "profile: carp_fast (eager, compiled) vs the published baseline" 260 \
+  python tools/profile_throughput.py --cfg fast_400ep.yaml --device cuda --backends "" \
+  --steps 15 --warmup 5 --loss-reps 10 --loss-impls reference,fused --fit-batch "$BATCHES" \
+  --baseline --compile train.amp=bf16 model.channels_last=true --json "$OUT/profile_gpu.json"
 
-# torch.compile of the backbone: compute only, at the batch just found (compiling takes minutes).
-BATCH_FOUND=$(python -c "import json; print(json.load(open('$OUT/profile_gpu.json'))['shape']['batch_per_process'])" 2>/dev/null)
-if [[ -n "$BATCH_FOUND" ]]; then
-  run_stage "profile: torch.compile(backbone) at batch $BATCH_FOUND" 300 \
-    python tools/profile_throughput.py --cfg fast_400ep.yaml --device cuda --backends synthetic \
-    --steps 15 --warmup 5 --compute-only --compile train.amp=bf16 model.channels_last=true \
-    data.batch_size="$BATCH_FOUND" --json "$OUT/profile_gpu_compile.json"
-fi
 log "summary"
 OUT="$OUT" python - <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, re
 from pathlib import Path
 out = Path(os.environ["OUT"])
 tests = (out / "gpu_tests.log").read_text() if (out / "gpu_tests.log").exists() else ""
-print("tests:", "; ".join(re.findall(r"=+ (.*(?:passed|failed|error).*) =+", tests)) or "no result")
+print("tests:", "; ".join(re.findall(r"^=* ?(\d+ (?:passed|failed).*?) ?=*$", tests, re.M)) or "no result")
 def load(name):
     try:
         return json.loads((out / name).read_text())
@@ -112,7 +113,7 @@ if loss:
         fb = kernels["forward_backward"]
         print(f"roofline {impl}: {fb['median_ms']:.3f} ms, {fb['of_copy_bandwidth']:.0%} of copy,",
               f"{fb['of_datasheet_peak']:.0%} of datasheet" if fb["of_datasheet_peak"] else "")
-for name in ("profile_gpu.json", "profile_gpu_compile.json"):
+for name in ("profile_gpu.json",):
     prof = load(name)
     if prof:
         line = f"{name}: batch {prof['shape']['batch_per_process']}, compute {prof['compute']['images_per_s']:.0f} img/s"
@@ -120,6 +121,7 @@ for name in ("profile_gpu.json", "profile_gpu_compile.json"):
             line += f", baseline {prof['baseline']['images_per_s']:.0f} img/s, speed-up {prof['speedup_over_baseline']:.2f}x"
         if "compute_compiled" in prof:
             line += f", compiled {prof['compute_compiled'].get('images_per_s', prof['compute_compiled'].get('error'))}"
+            line += f", compiled speed-up {prof.get('speedup_over_baseline_compiled')}"
         print(line)
 PY
 log "done"

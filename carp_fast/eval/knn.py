@@ -12,6 +12,7 @@ Exit status: 0 done, 1 evaluation failed, 2 bad arguments, checkpoint or data pa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -65,7 +66,8 @@ def knn_classify(
     for start in range(0, num_test, chunk_size):
         queries = F.normalize(test_features[start : start + chunk_size].to(device, torch.float32), dim=1)
         targets = test_labels[start : start + chunk_size].to(device)
-        similarity = queries @ bank.T
+        with _exact_fp32_matmul():
+            similarity = queries @ bank.T
         top_sim, top_index = similarity.topk(max_k, dim=1, largest=True, sorted=True)
         top_labels = bank_labels[top_index]
         top_weights = (top_sim / temperature).exp()
@@ -73,9 +75,11 @@ def knn_classify(
             kk = min(k, max_k)
             votes = torch.zeros(queries.shape[0], num_classes, device=device)
             votes.scatter_add_(1, top_labels[:, :kk], top_weights[:, :kk])
-            # As DINO: top-5 looks at no more than k predictions.
-            ranked = votes.topk(min(5, num_classes, kk), dim=1).indices
-            hits = ranked == targets[:, None]
+            # As DINO: top-5 looks at no more than k predictions. A class no neighbour voted
+            # for is no prediction: counting it would let topk's tie order (which differs
+            # between devices) decide hits among the zero-vote classes.
+            top_votes, ranked = votes.topk(min(5, num_classes, kk), dim=1)
+            hits = (ranked == targets[:, None]) & (top_votes > 0)
             correct[k][0] += int(hits[:, :1].sum())
             correct[k][1] += int(hits.any(dim=1).sum())
     return {
@@ -85,6 +89,18 @@ def knn_classify(
         }
         for k, (top1, top5) in correct.items()
     }
+
+
+@contextlib.contextmanager
+def _exact_fp32_matmul():
+    """Full fp32 matrix products inside, whatever the process allowed (a trainer on the same
+    GPU turns TF32 on, and its 10-bit mantissa reorders nearly tied neighbours)."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 def format_results(title: str, results: dict[int, dict[str, float | None]]) -> str:
