@@ -16,10 +16,6 @@
 // re-read for each pass (max, sum, probabilities); the repeats mostly hit L1/L2.
 // CARP_FAST_CUDA_KERNELS=blocked forces these everywhere (to compare the two).
 //
-// "warp2" kernels: the row-per-warp layout with 16-byte loads and stores and, in the
-// forward, the next image's row loaded while the current one is computed (student and
-// teacher of one dtype; CARP_FAST_CUDA_KERNELS=warp2 selects them).
-//
 // Determinism: every reduction has a fixed shape (warp butterfly, then warps or rows added
 // in a fixed order by one thread), and S_g is accumulated per chunk of images then summed
 // over chunks in chunk order by a second small kernel. No atomics anywhere, and the
@@ -40,7 +36,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstdint>
 #include <cstring>
 #include <type_traits>
 
@@ -592,264 +587,18 @@ bool with_warp_elems(int64_t group_size, F&& f) {
   }
 }
 
-// CARP_FAST_CUDA_KERNELS picks the layout (read per call, so a benchmark or a test can
-// compare them in one process): "blocked" only the any-P kernels; "warp" the row-per-warp
-// kernels where they apply; "warp2" their vector-load variant where it applies, else as
-// "warp"; "auto" (or unset) the default, which is "warp".
-enum class KernelChoice { kBlocked, kWarp, kWarp2 };
-
-KernelChoice kernel_choice() {
+// CARP_FAST_CUDA_KERNELS=blocked turns the warp kernels off ("auto", "warp" or unset keep
+// them). Read per call, so that a benchmark or a test can compare both in one process.
+bool warp_kernels_allowed() {
   const char* choice = std::getenv("CARP_FAST_CUDA_KERNELS");
   if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "auto") == 0 ||
       std::strcmp(choice, "warp") == 0) {
-    return KernelChoice::kWarp;
+    return true;
   }
-  if (std::strcmp(choice, "warp2") == 0) return KernelChoice::kWarp2;
   TORCH_CHECK(std::strcmp(choice, "blocked") == 0,
-              "CARP_FAST_CUDA_KERNELS must be auto, warp, warp2 or blocked, got '", choice, "'");
-  return KernelChoice::kBlocked;
+              "CARP_FAST_CUDA_KERNELS must be auto, warp or blocked, got '", choice, "'");
+  return false;
 }
-
-bool is_16_byte_aligned(const void* pointer) {
-  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
-}
-
-// ---- Row-per-warp kernels with 16-byte loads and a prefetched next image ("warp2") -----
-//
-// The same maths and column ownership idea as the warp kernels, for student and teacher
-// logits of one dtype X: lane l holds the 16-byte vectors l, l + 32, ... of a row (V =
-// 16 / sizeof(X) consecutive columns each), so a row of P = 512 bf16 values is two loads
-// per lane. The forward keeps the next image's raw row in registers while the current one
-// is computed, so its DRAM latency overlaps that work instead of following it.
-
-template <typename X>
-constexpr int kVectorWidth = static_cast<int>(16 / sizeof(X));
-
-// Column of element e (0 <= e < kElems) of lane `lane` under the vector layout.
-template <typename X>
-__device__ __forceinline__ int64_t vector_column(int e, int lane) {
-  constexpr int V = kVectorWidth<X>;
-  return static_cast<int64_t>((e / V) * kWarpSize + lane) * V + e % V;
-}
-
-template <int kVectors>
-__device__ __forceinline__ void load_vectors(const void* __restrict__ row, int lane,
-                                             uint4 (&raw)[kVectors]) {
-  const uint4* src = static_cast<const uint4*>(row);
-#pragma unroll
-  for (int k = 0; k < kVectors; ++k) raw[k] = src[k * kWarpSize + lane];
-}
-
-// Two 16-bit values of one 32-bit word (little-endian: the lower address is the low half).
-__device__ __forceinline__ float2 unpack_pair(uint32_t word, c10::BFloat16) {
-  return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
-}
-__device__ __forceinline__ float2 unpack_pair(uint32_t word, c10::Half) {
-  return make_float2(__half2float(__ushort_as_half(static_cast<unsigned short>(word & 0xffffu))),
-                     __half2float(__ushort_as_half(static_cast<unsigned short>(word >> 16))));
-}
-
-template <typename X, int kVectors>
-__device__ __forceinline__ void unpack(const uint4 (&raw)[kVectors],
-                                       float (&v)[kVectors * kVectorWidth<X>]) {
-#pragma unroll
-  for (int k = 0; k < kVectors; ++k) {
-    const uint32_t words[4] = {raw[k].x, raw[k].y, raw[k].z, raw[k].w};
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      if constexpr (sizeof(X) == 4) {
-        v[k * 4 + w] = __uint_as_float(words[w]);
-      } else {
-        const float2 pair = unpack_pair(words[w], X{});
-        v[k * 8 + 2 * w] = pair.x;
-        v[k * 8 + 2 * w + 1] = pair.y;
-      }
-    }
-  }
-}
-
-template <typename X>
-__device__ __forceinline__ uint32_t bits_of(float value) {
-  if constexpr (sizeof(X) == 4) {
-    return __float_as_uint(value);
-  } else {
-    return static_cast<X>(value).x;  // c10's rounding, as the other kernels' static_cast<S>
-  }
-}
-
-template <typename X, int kVectors>
-__device__ __forceinline__ void store_vectors(const float (&v)[kVectors * kVectorWidth<X>],
-                                              X* __restrict__ row, int lane) {
-  uint4* dst = reinterpret_cast<uint4*>(row);
-#pragma unroll
-  for (int k = 0; k < kVectors; ++k) {
-    uint32_t words[4];
-#pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      if constexpr (sizeof(X) == 4) {
-        words[w] = bits_of<X>(v[k * 4 + w]);
-      } else {
-        words[w] = bits_of<X>(v[k * 8 + 2 * w]) | (bits_of<X>(v[k * 8 + 2 * w + 1]) << 16);
-      }
-    }
-    dst[k * kWarpSize + lane] = make_uint4(words[0], words[1], words[2], words[3]);
-  }
-}
-
-// Forward, as forward_warp_kernel (same outputs, same order of every sum over images and
-// rows), with the vector layout and the next image's row loaded before this one is used.
-template <int kElems, typename X>
-__global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize,
-                                  sizeof(X) == 2 && kElems <= 16 ? 2 : 1)
-    forward_warp2_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
-                         LossShape s, int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
-  extern __shared__ float smem[];
-  constexpr int64_t P = kElems * kWarpSize;
-  constexpr int kVectors = kElems / kVectorWidth<X>;
-  const int num_teacher = static_cast<int>(s.num_teacher);
-  const int rows = num_teacher + static_cast<int>(s.num_student);
-  float* q = smem;                                          // [2, Vt, P]
-  float* total = q + 2 * num_teacher * P;                   // [P]
-  double* row_loss = reinterpret_cast<double*>(total + P);  // [rows]
-
-  const int64_t group = blockIdx.x / chunks;
-  const int64_t chunk = blockIdx.x % chunks;
-  const int lane = threadIdx.x % kWarpSize;
-  const int row = threadIdx.x / kWarpSize;
-  const bool is_teacher = row < num_teacher;
-  const int64_t view = is_teacher ? row : row - num_teacher;
-  const int64_t width = s.num_groups * P;
-  const X* row_base = (is_teacher ? teacher : student) + view * s.batch * width + group * P;
-  float* stats_base = is_teacher ? out.teacher_stats : out.student_stats;
-
-  float row_total[kElems];
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) row_total[e] = 0.0f;
-  double loss = 0.0;
-
-  const int64_t b_begin = chunk * batch_per_chunk;
-  const int64_t b_end = min(s.batch, b_begin + batch_per_chunk);
-  uint4 raw[kVectors];
-  if (b_begin < b_end) load_vectors<kVectors>(row_base + b_begin * width, lane, raw);
-  for (int64_t b = b_begin; b < b_end; ++b) {
-    float v[kElems];
-    unpack<X, kVectors>(raw, v);
-    if (b + 1 < b_end) load_vectors<kVectors>(row_base + (b + 1) * width, lane, raw);
-
-    const float2 stats = softmax_in_registers<kElems>(v);
-    const int64_t slice = b * s.num_groups + group;
-    if (lane == 0) {
-      float* dst = stats_base + (view * s.batch * s.num_groups + slice) * 2;
-      dst[0] = stats.x;
-      dst[1] = stats.y;
-    }
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) row_total[e] += v[e];
-
-    float* q_image = q + (b & 1) * num_teacher * P;
-    if (is_teacher) {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) q_image[view * P + vector_column<X>(e, lane)] = v[e];
-    }
-    __syncthreads();
-    if (!is_teacher) {
-      for (int j = 0; j < num_teacher; ++j) {
-        float a = 0.0f;
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) a += v[e] * q_image[j * P + vector_column<X>(e, lane)];
-        a = warp_sum(a);
-        if (lane == 0) {
-          out.agreement[((view * num_teacher + j) * s.batch + b) * s.num_groups + group] = a;
-          if (view != j) loss -= log(static_cast<double>(clamp_agreement(a)));
-        }
-      }
-    }
-  }
-
-  for (int r = 0; r < rows; ++r) {
-    if (row == r) {
-#pragma unroll
-      for (int e = 0; e < kElems; ++e) {
-        const int64_t c = vector_column<X>(e, lane);
-        total[c] = r == 0 ? row_total[e] : total[c] + row_total[e];
-      }
-    }
-    __syncthreads();
-  }
-  float* partial = out.partial + (chunk * s.num_groups + group) * P;
-  for (int64_t c = threadIdx.x; c < P; c += blockDim.x) partial[c] = total[c];
-
-  if (lane == 0) row_loss[row] = loss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double block_loss = 0.0;
-    for (int r = 0; r < rows; ++r) block_loss += row_loss[r];
-    out.loss_partial[blockIdx.x] = block_loss;
-  }
-}
-
-// Backward, as backward_warp_kernel, with 16-byte loads of the student row and 16-byte
-// stores of its gradient.
-template <int kElems, typename X>
-__global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
-    backward_warp2_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
-                          LossShape s, BackwardIn in, X* __restrict__ grad_student) {
-  extern __shared__ float smem[];
-  constexpr int64_t P = kElems * kWarpSize;
-  constexpr int kVectors = kElems / kVectorWidth<X>;
-  const int num_teacher = static_cast<int>(s.num_teacher);
-  float* q = smem;  // [Vt, P]
-
-  const int64_t b = blockIdx.x / s.num_groups;
-  const int64_t group = blockIdx.x % s.num_groups;
-  const int64_t slice = b * s.num_groups + group;
-  const int lane = threadIdx.x % kWarpSize;
-  const int64_t i = threadIdx.x / kWarpSize;
-  const int64_t width = s.num_groups * P;
-  const int64_t stride_view = s.batch * width;
-  const int64_t offset = b * width + group * P;
-
-  // The student row's loads first, so they fly while the block fills q.
-  uint4 raw[kVectors];
-  load_vectors<kVectors>(student + i * stride_view + offset, lane, raw);
-  for (int j = 0; j < num_teacher; ++j) {
-    const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
-    const float m = stats[0], inv = stats[1];
-    for (int64_t c = threadIdx.x; c < P; c += blockDim.x) {
-      q[j * P + c] =
-          exp_shifted(static_cast<float>(teacher[j * stride_view + offset + c]), m) * inv;
-    }
-  }
-
-  const float* stats = in.student_stats + (i * s.batch * s.num_groups + slice) * 2;
-  const float m = stats[0], inv = stats[1];
-  const float* grad_total = in.grad_prob_sum + group * P;
-  float d[kElems];
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) d[e] = grad_total[vector_column<X>(e, lane)];
-  float p[kElems];
-  unpack<X, kVectors>(raw, p);
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) p[e] = exp_shifted(p[e], m) * inv;
-  const float grad_per_term = *in.grad_consistency * in.inv_terms;
-  __syncthreads();
-
-  for (int j = 0; j < num_teacher; ++j) {
-    const float a = in.agreement[((i * num_teacher + j) * s.batch + b) * s.num_groups + group];
-    const bool inside = a >= kAgreementMin && a <= kAgreementMax;
-    const float w = (i != j && inside) ? -grad_per_term / a : 0.0f;
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) d[e] += w * q[j * P + vector_column<X>(e, lane)];
-  }
-  float dot = 0.0f;
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) dot += p[e] * d[e];
-  dot = warp_sum(dot);
-#pragma unroll
-  for (int e = 0; e < kElems; ++e) p[e] = p[e] * (d[e] - dot);
-  store_vectors<X, kVectors>(p, grad_student + i * stride_view + offset, lane);
-}
-
 
 int threads_for(int64_t group_size) {
   const int64_t want = (group_size + kColumnsPerThread - 1) / kColumnsPerThread;
@@ -926,35 +675,13 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size +
       static_cast<int64_t>(sizeof(double)) * rows;
-  const KernelChoice choice = kernel_choice();
-  const bool warp_path = choice != KernelChoice::kBlocked && rows <= kWarpKernelMaxRows &&
+  const bool warp_path = warp_kernels_allowed() && rows <= kWarpKernelMaxRows &&
                          warp_shared_bytes <= kDefaultSharedBytes;
-  const bool warp2_path = warp_path && choice == KernelChoice::kWarp2 &&
-                          is_16_byte_aligned(student.const_data_ptr()) &&
-                          is_16_byte_aligned(teacher.const_data_ptr());
 
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
-    bool launched = false;
-    if constexpr (std::is_same_v<S, T>) {
-      if (warp2_path) {
-        with_warp_elems(s.group_size, [&](auto elems) {
-          constexpr int kElems = decltype(elems)::value;
-          if constexpr (kElems % kVectorWidth<S> == 0) {
-            forward_warp2_kernel<kElems, S>
-                <<<static_cast<unsigned>(blocks), static_cast<unsigned>(rows * kWarpSize),
-                   warp_shared_bytes, stream>>>(student.const_data_ptr<S>(),
-                                                teacher.const_data_ptr<S>(), s, chunks,
-                                                batch_per_chunk, out);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            launched = true;
-          }
-        });
-      }
-    }
-    if (launched) return;
-    launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
+    const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
       forward_warp_kernel<decltype(elems)::value, S, T>
           <<<static_cast<unsigned>(blocks), static_cast<unsigned>(rows * kWarpSize),
              warp_shared_bytes, stream>>>(student.const_data_ptr<S>(),
@@ -1012,36 +739,13 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
 
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.group_size;
-  const KernelChoice choice = kernel_choice();
-  const bool warp_path = choice != KernelChoice::kBlocked &&
-                         s.num_student <= kWarpKernelMaxRows &&
+  const bool warp_path = warp_kernels_allowed() && s.num_student <= kWarpKernelMaxRows &&
                          warp_shared_bytes <= kDefaultSharedBytes;
-  const bool warp2_path = warp_path && choice == KernelChoice::kWarp2 &&
-                          is_16_byte_aligned(student.const_data_ptr()) &&
-                          is_16_byte_aligned(grad_student.const_data_ptr());
 
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
-    bool launched = false;
-    if constexpr (std::is_same_v<S, T>) {
-      if (warp2_path) {
-        with_warp_elems(s.group_size, [&](auto elems) {
-          constexpr int kElems = decltype(elems)::value;
-          if constexpr (kElems % kVectorWidth<S> == 0) {
-            backward_warp2_kernel<kElems, S>
-                <<<static_cast<unsigned>(s.batch * s.num_groups),
-                   static_cast<unsigned>(s.num_student * kWarpSize), warp_shared_bytes,
-                   stream>>>(student.const_data_ptr<S>(), teacher.const_data_ptr<S>(), s, in,
-                             grad_student.data_ptr<S>());
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-            launched = true;
-          }
-        });
-      }
-    }
-    if (launched) return;
-    launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
+    const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
       backward_warp_kernel<decltype(elems)::value, S, T>
           <<<static_cast<unsigned>(s.batch * s.num_groups),
              static_cast<unsigned>(s.num_student * kWarpSize), warp_shared_bytes, stream>>>(

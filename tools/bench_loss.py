@@ -10,7 +10,6 @@ Implementations (--impls):
   compiled   torch.compile(reference_carp_loss)
   fused      carp_fast.fused_loss.fused_carp_loss (the csrc/ kernels)
   fused_blocked  the same on CUDA with CARP_FAST_CUDA_KERNELS=blocked (the any-P kernels)
-  fused_warp2    the same with CARP_FAST_CUDA_KERNELS=warp2 (vector loads, prefetch)
 
 Time: median of forward + backward over --reps (wall clock on CPU, CUDA events on GPU), the
 implementations interleaved rep by rep so that a noisy (shared) machine disturbs them alike.
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from carp_fast.loss import EPS, draw_partition, reference_carp_loss  # noqa: E402  (after the path fix)
 
-IMPLS = ("published", "reference", "compiled", "fused", "fused_blocked", "fused_warp2")
+IMPLS = ("published", "reference", "compiled", "fused", "fused_blocked")
 DEFAULT_IMPLS = ("published", "reference", "compiled", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,12 +109,12 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 @contextlib.contextmanager
 def kernel_choice(impl: str):
-    """CARP_FAST_CUDA_KERNELS=<variant> while ``fused_<variant>`` runs (forward and backward)."""
-    if impl not in ("fused_blocked", "fused_warp2"):
+    """CARP_FAST_CUDA_KERNELS=blocked while ``fused_blocked`` runs (forward and backward)."""
+    if impl != "fused_blocked":
         yield
         return
     previous = os.environ.get("CARP_FAST_CUDA_KERNELS")
-    os.environ["CARP_FAST_CUDA_KERNELS"] = impl.removeprefix("fused_")
+    os.environ["CARP_FAST_CUDA_KERNELS"] = "blocked"
     try:
         yield
     finally:
@@ -357,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
             bandwidth = copy_bandwidth(args.device, args.reps)
             peak = datasheet_bandwidth(torch.cuda.get_device_name(args.device))
             roofline = {"copy": bandwidth, "datasheet_bytes_per_s": peak, "kernels": {}}
-            for impl in ("fused", "fused_blocked", "fused_warp2"):
+            for impl in ("fused", "fused_blocked"):
                 if impl in impls:
                     with kernel_choice(impl):
                         roofline["kernels"][impl] = fused_roofline(

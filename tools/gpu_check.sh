@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # One prepared run for a lent GPU machine (Python 3.12, torch with CUDA, no DALI, no FFCV,
-# no internet). Within BUDGET seconds (default 450) it builds the extension, runs the GPU
-# tests, times the loss kernels against the memory roofline and profiles a production-shape
-# step (ResNet-50, 2x224 + 6x96, K = 65,536, P = 512, bf16, channels-last, the largest
-# per-GPU batch that fits), eager and with torch.compile of the backbone, against the
-# published baseline on the same inputs. Everything lands in $OUT (or ./gpu_check_out) as
-# at most eight files (JSON and logs), ready to be committed under benchmarks/.
+# no internet). It builds the extension, runs the GPU tests, times the loss kernels against
+# the memory roofline and profiles a production-shape step (ResNet-50, 2x224 + 6x96,
+# K = 65,536, P = 512, bf16, channels-last, the largest per-GPU batch that fits) with and
+# without the published baseline: about 4.6 minutes on an H200 (benchmarks/gpu_check_h200_run1.log).
+# COMPILE=1 also measures torch.compile of the backbone, both ways, in the same profile
+# (about 2 minutes more, most of it compiling). Stages stop starting after BUDGET seconds.
+# Everything lands in $OUT (or ./gpu_check_out) as at most eight files (JSON and logs),
+# ready to be committed under benchmarks/.
 #
 #   bash tools/gpu_check.sh                 # on the GPU machine, from the repository root
+#   COMPILE=1 BUDGET=540 bash tools/gpu_check.sh
 #   BATCHES=256 bash tools/gpu_check.sh     # per-GPU batch sizes to try, largest first
-#   BUDGET=300 bash tools/gpu_check.sh      # stop starting stages after 300 s
 #   TESTS_K=knn LOSS_IMPLS=published,fused bash tools/gpu_check.sh   # a shorter rerun
+#   CARP_FAST_COMMIT=<sha> ...              # the commit to record where .git did not travel
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
-BUDGET=${BUDGET:-450}
+BUDGET=${BUDGET:-360}
 BATCHES=${BATCHES:-640,512,384,256,128}
-TESTS_K=${TESTS_K:-not warp2}  # the first test run's pytest -k filter
-LOSS_IMPLS=${LOSS_IMPLS:-published,reference,compiled,fused,fused_blocked}  # (+ fused_warp2 if its tests pass)
+TESTS_K=${TESTS_K:-}  # a pytest -k filter for the GPU tests (all of them by default)
+LOSS_IMPLS=${LOSS_IMPLS:-published,reference,compiled,fused,fused_blocked}
+COMPILE=${COMPILE:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_check.log"
@@ -61,37 +65,36 @@ if ! timeout 240 python -m pip install -q --no-deps --no-build-isolation -e . > 
 fi
 python -c "from carp_fast import fused_loss as f; print('fused CUDA kernels:', f.supports_device('cuda'), f.unavailable_reason())" 2>&1 | tee -a "$LOG"
 
-# GPU tests: first everything but the warp2 variant, then the warp2 tests in a process of
-# their own (a fault in one kernel poisons the CUDA context for every later test in that
-# process). If the first run fails, the blocked kernels are tested alone and, if they pass,
-# the rest of the run uses them.
-TESTS=(python -m pytest -q -m cuda -p no:cacheprovider tests)
-run_stage "GPU tests (-k '$TESTS_K')" 150 "${TESTS[@]}" -k "$TESTS_K" > "$OUT/gpu_tests.log"
+# GPU tests. If they fail, the blocked kernels are tested alone (a fault in one kernel
+# poisons the CUDA context for every later test in that process) and, if they pass, the rest
+# of the run uses them.
+TESTS=(python -m pytest -q -m cuda -p no:cacheprovider tests ${TESTS_K:+-k "$TESTS_K"})
+run_stage "GPU tests${TESTS_K:+ (-k '$TESTS_K')}" 150 "${TESTS[@]}" > "$OUT/gpu_tests.log"
 tests_status=$?
 tail -30 "$OUT/gpu_tests.log"
 if ((tests_status != 0 && tests_status != 99)); then
   CARP_FAST_CUDA_KERNELS=blocked run_stage "GPU tests, blocked kernels only" 120 \
-    "${TESTS[@]}" -k "not auto and not warp and not kernels_agree" >> "$OUT/gpu_tests.log"
+    python -m pytest -q -m cuda -p no:cacheprovider tests \
+    -k "not auto and not kernels_agree" >> "$OUT/gpu_tests.log"
   if (($? == 0)); then
     export CARP_FAST_CUDA_KERNELS=blocked
     log "the rest of the run uses CARP_FAST_CUDA_KERNELS=blocked"
   fi
 fi
-IMPLS=$LOSS_IMPLS
-run_stage "GPU tests of the warp2 kernels" 90 "${TESTS[@]}" -k warp2 >> "$OUT/gpu_tests.log" \
-  && IMPLS=$IMPLS,fused_warp2
-tail -5 "$OUT/gpu_tests.log"
 
-run_stage "loss at B=256, bf16: $IMPLS" 120 \
+run_stage "loss at B=256, bf16: $LOSS_IMPLS" 120 \
   python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 20 \
-  --impls "$IMPLS" --json "$OUT/loss_cuda_bf16.json"
+  --impls "$LOSS_IMPLS" --json "$OUT/loss_cuda_bf16.json"
 
-# No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches,
-# eager and with torch.compile(backbone), against the published recipe on the same inputs.
-run_stage "profile: carp_fast (eager, compiled) vs the published baseline" 260 \
+# No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches
+# against the published recipe on the same inputs; eager unless COMPILE=1 (then both ways).
+COMPILE_ARGS=(train.compile=false)
+((COMPILE)) && COMPILE_ARGS=(--compile)
+run_stage "profile: carp_fast vs the published baseline" 300 \
   python tools/profile_throughput.py --cfg fast_400ep.yaml --device cuda --backends "" \
   --steps 15 --warmup 5 --loss-reps 10 --loss-impls reference,fused --fit-batch "$BATCHES" \
-  --baseline --compile train.amp=bf16 model.channels_last=true --json "$OUT/profile_gpu.json"
+  --baseline "${COMPILE_ARGS[@]}" train.amp=bf16 model.channels_last=true \
+  --json "$OUT/profile_gpu.json"
 
 log "summary"
 OUT="$OUT" python - <<'PY' 2>&1 | tee -a "$LOG"
