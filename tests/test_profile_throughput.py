@@ -36,6 +36,7 @@ def test_profile_holds_every_stage_with_its_provenance(profile):
     assert sum(profile["full_step"]["phase_share"].values()) == pytest.approx(1.0)
     for impl in ("reference", "fused"):
         assert profile["loss"][impl]["median_s"] > 0
+    assert "compiled" in profile["loss"]  # timed, or its failure named
     assert profile["baseline"]["images_per_s"] > 0
     assert profile["speedup_over_baseline"] == pytest.approx(
         profile["compute"]["images_per_s"] / profile["baseline"]["images_per_s"])
@@ -129,3 +130,9 @@ def test_fit_batch_takes_the_largest_that_fits_and_only_forgives_out_of_memory(m
     monkeypatch.setattr(profiler, "carp_fast_steps", broken)
     with pytest.raises(ValueError, match="shape error"):
         profiler.largest_fitting_batch(cfg, torch.device("cpu"), [8], baseline=False)
+
+
+def test_loss_timing_covers_exactly_the_implementations_asked_for(tiny_config):
+    profiler = load_tool("profile_throughput")
+    timed = profiler.time_losses(tiny_config(), profiler.torch.device("cpu"), 1, 3, 2, impls=("reference",))
+    assert set(timed) == {"reference", "shape"} and timed["reference"]["median_s"] > 0

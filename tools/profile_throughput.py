@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -270,8 +271,6 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def release_device_memory() -> None:
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -315,13 +314,11 @@ def time_losses(cfg, device, reps: int, num_student: int, num_teacher: int,
     student = (torch.randn(num_student, b, width, generator=generator) * 3).to(device, dtype)
     teacher = (torch.randn(num_teacher, b, width, generator=generator) * 3).to(device, dtype)
     results = {}
-    impls = {"reference": "reference", "fused": "fused"}
-    compiled = torch.compile(lambda s, t: carp_loss(s, t, cfg.model.partition_size, impl="reference"))
     for name in impls:
         if name == "compiled":
-            fn = compiled
+            fn = torch.compile(lambda s, t: carp_loss(s, t, cfg.model.partition_size, impl="reference"))
         else:
-            fn = (lambda impl: lambda s, t: carp_loss(s, t, cfg.model.partition_size, impl=impl))(impls[name])
+            fn = (lambda impl: lambda s, t: carp_loss(s, t, cfg.model.partition_size, impl=impl))(name)
         try:
             times = []
             for rep in range(reps + 2):
