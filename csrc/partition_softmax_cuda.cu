@@ -290,6 +290,32 @@ struct BackwardIn {
   const float* __restrict__ teacher_stats;
 };
 
+// The consistency weight of pair (i, j) in the backward, from its agreement a_ij:
+//   w_ij = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the clamp, else 0
+// torch's clamp passes the gradient on the closed interval [eps, 1 - eps], so do we.
+__device__ __forceinline__ float pair_weight(float a, bool same_view, float grad_per_term) {
+  const bool inside = a >= kAgreementMin && a <= kAgreementMax;
+  return (!same_view && inside) ? -grad_per_term / a : 0.0f;
+}
+
+// q_j = exp(t_j - m_j) r_j of one (b, g) slice into shared memory q [Vt, P], from the saved
+// teacher stats; every thread of the block takes columns t, t + blockDim, ...
+template <typename T>
+__device__ __forceinline__ void fill_teacher_probabilities(float* q, const T* __restrict__ teacher,
+                                                           const LossShape& s, const BackwardIn& in,
+                                                           int64_t slice, int64_t offset) {
+  const int64_t P = s.group_size;
+  const int64_t stride_view = s.batch * s.num_groups * P;
+  for (int j = 0; j < static_cast<int>(s.num_teacher); ++j) {
+    const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
+    const float m = stats[0], inv = stats[1];
+    for (int64_t c = threadIdx.x; c < P; c += blockDim.x) {
+      q[j * P + c] =
+          exp_shifted(static_cast<float>(teacher[j * stride_view + offset + c]), m) * inv;
+    }
+  }
+}
+
 // Backward for one (image b, group g). With p, q recomputed from the saved (m, r):
 //   w_ij = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the clamp, else 0
 //   dL/dp_ic = dL/dS_gc + sum_j w_ij q_jc
@@ -324,18 +350,9 @@ __global__ void __launch_bounds__(kMaxThreads)
   const float grad_per_term = *in.grad_consistency * in.inv_terms;
   for (int k = tid; k < num_student * num_teacher; k += blockDim.x) {
     const float a = in.agreement[(k * s.batch) * s.num_groups + slice];
-    // torch's clamp passes the gradient on the closed interval [eps, 1 - eps].
-    const bool inside = a >= kAgreementMin && a <= kAgreementMax;
-    weight[k] = (k / num_teacher != k % num_teacher && inside) ? -grad_per_term / a : 0.0f;
+    weight[k] = pair_weight(a, k / num_teacher == k % num_teacher, grad_per_term);
   }
-  for (int j = 0; j < num_teacher; ++j) {
-    const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
-    const float m = stats[0], inv = stats[1];
-    for (int64_t c = tid; c < P; c += blockDim.x) {
-      q[j * P + c] =
-          exp_shifted(static_cast<float>(teacher[j * stride_view + offset + c]), m) * inv;
-    }
-  }
+  fill_teacher_probabilities(q, teacher, s, in, slice, offset);
   __syncthreads();
 
   auto grad_wrt_prob = [&](int i, int64_t c) {
@@ -532,14 +549,7 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
   const int64_t stride_view = s.batch * width;
   const int64_t offset = b * width + group * P;
 
-  for (int j = 0; j < num_teacher; ++j) {
-    const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
-    const float m = stats[0], inv = stats[1];
-    for (int64_t c = threadIdx.x; c < P; c += blockDim.x) {
-      q[j * P + c] =
-          exp_shifted(static_cast<float>(teacher[j * stride_view + offset + c]), m) * inv;
-    }
-  }
+  fill_teacher_probabilities(q, teacher, s, in, slice, offset);
 
   // Everything of this warp's row that does not need q, while the block fills it.
   const float* stats = in.student_stats + (i * s.batch * s.num_groups + slice) * 2;
@@ -557,9 +567,7 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
 
   for (int j = 0; j < num_teacher; ++j) {
     const float a = in.agreement[((i * num_teacher + j) * s.batch + b) * s.num_groups + group];
-    // torch's clamp passes the gradient on the closed interval [eps, 1 - eps].
-    const bool inside = a >= kAgreementMin && a <= kAgreementMax;
-    const float w = (i != j && inside) ? -grad_per_term / a : 0.0f;
+    const float w = pair_weight(a, i == j, grad_per_term);
 #pragma unroll
     for (int k = 0; k < kElems; ++k) d[k] += w * q[j * P + k * kWarpSize + lane];
   }

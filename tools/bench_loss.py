@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -107,21 +108,11 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return student, teacher.to(args.device, dtype)
 
 
-@contextlib.contextmanager
 def kernel_choice(impl: str):
     """CARP_FAST_CUDA_KERNELS=blocked while ``fused_blocked`` runs (forward and backward)."""
     if impl != "fused_blocked":
-        yield
-        return
-    previous = os.environ.get("CARP_FAST_CUDA_KERNELS")
-    os.environ["CARP_FAST_CUDA_KERNELS"] = "blocked"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["CARP_FAST_CUDA_KERNELS"]
-        else:
-            os.environ["CARP_FAST_CUDA_KERNELS"] = previous
+        return contextlib.nullcontext()
+    return mock.patch.dict(os.environ, {"CARP_FAST_CUDA_KERNELS": "blocked"})
 
 
 def synchronize(device: str) -> None:
@@ -263,21 +254,17 @@ def fused_roofline(student: torch.Tensor, teacher: torch.Tensor, group: int, rep
             grad_consistency, grad_prob_sum, student, teacher, agreement, student_stats,
             teacher_stats, group),
     }
-    result = {}
-    for name, call in calls.items():
-        median_ms = statistics.median(cuda_event_ms(call, reps))
-        achieved = must_move[name] / (median_ms / 1e3)
-        result[name] = {"median_ms": median_ms, "must_move_bytes": must_move[name],
-                        "bytes_per_s": achieved, "of_copy_bandwidth": achieved / bandwidth,
-                        "of_datasheet_peak": achieved / peak if peak else None}
-    total_ms = result["forward"]["median_ms"] + result["backward"]["median_ms"]
-    total_bytes = must_move["forward"] + must_move["backward"]
-    result["forward_backward"] = {
-        "median_ms": total_ms, "must_move_bytes": total_bytes,
-        "bytes_per_s": total_bytes / (total_ms / 1e3),
-        "of_copy_bandwidth": total_bytes / (total_ms / 1e3) / bandwidth,
-        "of_datasheet_peak": total_bytes / (total_ms / 1e3) / peak if peak else None,
-    }
+    def against_roofline(median_ms: float, must_move_bytes: int) -> dict:
+        achieved = must_move_bytes / (median_ms / 1e3)
+        return {"median_ms": median_ms, "must_move_bytes": must_move_bytes,
+                "bytes_per_s": achieved, "of_copy_bandwidth": achieved / bandwidth,
+                "of_datasheet_peak": achieved / peak if peak else None}
+
+    result = {name: against_roofline(statistics.median(cuda_event_ms(call, reps)), must_move[name])
+              for name, call in calls.items()}
+    result["forward_backward"] = against_roofline(
+        result["forward"]["median_ms"] + result["backward"]["median_ms"],
+        must_move["forward"] + must_move["backward"])
     return result
 
 

@@ -116,15 +116,14 @@ if loss:
         fb = kernels["forward_backward"]
         print(f"roofline {impl}: {fb['median_ms']:.3f} ms, {fb['of_copy_bandwidth']:.0%} of copy,",
               f"{fb['of_datasheet_peak']:.0%} of datasheet" if fb["of_datasheet_peak"] else "")
-for name in ("profile_gpu.json",):
-    prof = load(name)
-    if prof:
-        line = f"{name}: batch {prof['shape']['batch_per_process']}, compute {prof['compute']['images_per_s']:.0f} img/s"
-        if "baseline" in prof:
-            line += f", baseline {prof['baseline']['images_per_s']:.0f} img/s, speed-up {prof['speedup_over_baseline']:.2f}x"
-        if "compute_compiled" in prof:
-            line += f", compiled {prof['compute_compiled'].get('images_per_s', prof['compute_compiled'].get('error'))}"
-            line += f", compiled speed-up {prof.get('speedup_over_baseline_compiled')}"
-        print(line)
+prof = load("profile_gpu.json")
+if prof:
+    line = f"profile: batch {prof['shape']['batch_per_process']}, compute {prof['compute']['images_per_s']:.0f} img/s"
+    if "baseline" in prof:
+        line += f", baseline {prof['baseline']['images_per_s']:.0f} img/s, speed-up {prof['speedup_over_baseline']:.2f}x"
+    if "compute_compiled" in prof:
+        line += f", compiled {prof['compute_compiled'].get('images_per_s', prof['compute_compiled'].get('error'))}"
+        line += f", compiled speed-up {prof.get('speedup_over_baseline_compiled')}"
+    print(line)
 PY
 log "done"
