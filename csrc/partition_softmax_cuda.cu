@@ -1,20 +1,24 @@
 // CUDA kernels of the fused CARP loss (maths in partition_softmax.h).
 //
-// Two layouts of the same maths:
+// Three layouts of the same maths, tried in this order (CARP_FAST_CUDA_KERNELS=warp or
+// =blocked starts further down, to compare them):
 //
-// Row-per-warp ("warp" kernels, used when the group size P is 128, 256, 512 or 1024 and the
-// views fit a block): one warp owns one view's row of a (image, group) slice, lane l holding
-// columns l, l + 32, ... in registers. Each logit is read from DRAM once, goes through one
-// exp, and every per-row reduction is a warp shuffle; only the teacher probabilities q_j
-// (which every student row needs) pass through shared memory. This is the fast path: at the
-// published shape (P = 512) a lane holds 16 values per row.
+// Slice-per-warp ("slice" kernels, the fast path: P = 128, 256, 512 or 1024, student and
+// teacher of one dtype, 16-byte aligned): one warp walks whole (image, group) slices, row
+// after row (teacher rows first), lane l holding its columns of the row in registers. The
+// next rows' 16-byte loads are issued before the current row is used, so every warp keeps
+// memory busy while it computes, and no warp ever waits for another inside the loop. Each
+// logit is read from DRAM once and goes through one exp.
+//
+// Row-per-warp ("warp" kernels, P = 128 ... 1024 and at most 16 views): one warp owns one
+// view's row of a (image, group) slice, lane l holding columns l, l + 32, ... in registers;
+// the teacher probabilities q_j pass through shared memory, with one block barrier per image.
 //
 // Column-per-thread ("blocked" kernels, any P): a thread block owns one group g and a chunk
 // of images; thread t owns the columns c = t, t + blockDim, ... of that group in every row it
 // touches, so every per-column quantity (q_j[c], the probability sum S_g[c]) is read and
 // written by one thread only, and per-row scalars go through block reductions. Rows are
 // re-read for each pass (max, sum, probabilities); the repeats mostly hit L1/L2.
-// CARP_FAST_CUDA_KERNELS=blocked forces these everywhere (to compare the two).
 //
 // Determinism: every reduction has a fixed shape (warp butterfly, then warps or rows added
 // in a fixed order by one thread), and S_g is accumulated per chunk of images then summed
@@ -35,6 +39,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -582,6 +587,331 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
   }
 }
 
+// ---- Slice-per-warp kernels -------------------------------------------------------------
+
+// A warp of these kernels owns whole (image, group) slices: it walks the Vt + Vs rows of one
+// image's slice (teacher rows first), then the next image's, keeping the next rows' loads in
+// flight while it computes on the current one. No warp waits for another until the very end
+// (the forward's S_g and loss, added in warp order), and each lane's loads are 16 bytes wide,
+// so a warp has kSliceRingWords * 4 bytes per lane of logits in flight while it computes.
+// Used when student and teacher share a dtype, P is 128, 256, 512 or 1024, and the pointers
+// are 16-byte aligned; the warp and blocked kernels above take every other case.
+constexpr int kSliceWarps = 4;  // warps per block; they share one group g
+// 32-bit words per lane of rows in flight (a ring of 2 to 8 rows): 128 bytes per lane, 4 KiB
+// per warp, so that the 16 or so warps an SM holds keep enough bytes in flight to cover the
+// DRAM latency (bandwidth x latency is about 25 KiB per SM on an H100 or H200).
+constexpr int kSliceRingWords = 32;
+// Images a warp walks by default (CARP_FAST_CUDA_SLICE_IMAGES overrides, for tuning): fewer
+// means more, shorter warps (a smaller tail at the end of the grid) but more [chunks, G, P]
+// partial sums in the forward.
+constexpr int64_t kSliceImagesPerWarp = 4;
+
+// One lane's kElems values of a row, as loaded: 32-bit words holding pieces of kPiece
+// consecutive columns, piece t of lane l at columns (t * 32 + l) * kPiece ... + kPiece - 1,
+// so that each load instruction of the warp reads 32 * kPiece consecutive elements.
+template <int kElems, typename X>
+struct LaneRow {
+  static constexpr int kPiece = static_cast<int>(16 / sizeof(X)) < kElems
+                                    ? static_cast<int>(16 / sizeof(X))
+                                    : kElems;
+  static constexpr int kPieceWords = kPiece * static_cast<int>(sizeof(X)) / 4;  // 2 or 4
+  static constexpr int kWords = kElems * static_cast<int>(sizeof(X)) / 4;
+  static_assert(kElems % kPiece == 0 && (kPieceWords == 2 || kPieceWords == 4), "piece layout");
+  uint32_t word[kWords];
+
+  __device__ __forceinline__ static int64_t column(int lane, int k) {
+    return (static_cast<int64_t>(k / kPiece) * kWarpSize + lane) * kPiece + k % kPiece;
+  }
+
+  __device__ __forceinline__ void load(const X* __restrict__ row, int lane) {
+#pragma unroll
+    for (int t = 0; t < kWords / kPieceWords; ++t) {
+      const X* src = row + (t * kWarpSize + lane) * kPiece;
+      if constexpr (kPieceWords == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(src);
+        word[4 * t] = v.x, word[4 * t + 1] = v.y, word[4 * t + 2] = v.z, word[4 * t + 3] = v.w;
+      } else {
+        const uint2 v = *reinterpret_cast<const uint2*>(src);
+        word[2 * t] = v.x, word[2 * t + 1] = v.y;
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(X* __restrict__ row, int lane) const {
+#pragma unroll
+    for (int t = 0; t < kWords / kPieceWords; ++t) {
+      X* dst = row + (t * kWarpSize + lane) * kPiece;
+      if constexpr (kPieceWords == 4) {
+        *reinterpret_cast<uint4*>(dst) =
+            make_uint4(word[4 * t], word[4 * t + 1], word[4 * t + 2], word[4 * t + 3]);
+      } else {
+        *reinterpret_cast<uint2*>(dst) = make_uint2(word[2 * t], word[2 * t + 1]);
+      }
+    }
+  }
+
+  // Element k as fp32, converted exactly as static_cast<float>(X) (little-endian halves).
+  __device__ __forceinline__ float get(int k) const {
+    if constexpr (std::is_same_v<X, float>) {
+      return __uint_as_float(word[k]);
+    } else {
+      const uint16_t bits = static_cast<uint16_t>(k % 2 ? word[k / 2] >> 16 : word[k / 2]);
+      return static_cast<float>(X(bits, X::from_bits()));
+    }
+  }
+
+  // Element k from fp32, rounded exactly as static_cast<X>(float).
+  __device__ __forceinline__ void set(int k, float v) {
+    if constexpr (std::is_same_v<X, float>) {
+      word[k] = __float_as_uint(v);
+    } else {
+      const uint32_t bits = X(v).x;
+      word[k / 2] = k % 2 ? (word[k / 2] & 0xffffu) | (bits << 16) : bits;
+    }
+  }
+};
+
+template <int kElems, typename X>
+constexpr int slice_ring_depth() {
+  constexpr int depth = kSliceRingWords / LaneRow<kElems, X>::kWords;
+  return depth < 2 ? 2 : (depth > 8 ? 8 : depth);
+}
+
+// Calls use(e, slot) for e = 0 .. n - 1 in order, where load(e, slot) filled the slot: the
+// loads of e + 1 .. e + kDepth are in flight while use(e) runs. The ring is unrolled so that
+// every slot stays in registers.
+template <int kDepth, typename Slot, typename Load, typename Use>
+__device__ __forceinline__ void for_each_prefetched(int64_t n, Load&& load, Use&& use) {
+  Slot ring[kDepth];
+#pragma unroll
+  for (int k = 0; k < kDepth; ++k) {
+    if (k < n) load(k, ring[k]);
+  }
+  for (int64_t base = 0; base < n; base += kDepth) {
+#pragma unroll
+    for (int k = 0; k < kDepth; ++k) {
+      const int64_t e = base + k;
+      if (e < n) {
+        const Slot current = ring[k];
+        if (e + kDepth < n) load(e + kDepth, ring[k]);
+        use(e, current);
+      }
+    }
+  }
+}
+
+// The rows one warp walks: images first, first + step, ... (count of them) of group g, and
+// in each the Vt teacher rows, then the Vs student rows. Row e of the walk is row e % R of
+// image first + (e / R) * step.
+struct SliceWalk {
+  int64_t first, step, count;
+  int rows, num_teacher;
+
+  __device__ __forceinline__ SliceWalk(const LossShape& s, int64_t chunk, int64_t batch_per_chunk,
+                                       int warp, int num_warps) {
+    const int64_t begin = chunk * batch_per_chunk + warp;
+    const int64_t end = min(s.batch, (chunk + 1) * batch_per_chunk);
+    first = begin;
+    step = num_warps;
+    count = begin < end ? (end - begin + num_warps - 1) / num_warps : 0;
+    num_teacher = static_cast<int>(s.num_teacher);
+    rows = num_teacher + static_cast<int>(s.num_student);
+  }
+  __device__ __forceinline__ int64_t length() const { return count * rows; }
+  __device__ __forceinline__ int64_t image(int64_t e) const { return first + (e / rows) * step; }
+  __device__ __forceinline__ int row(int64_t e) const { return static_cast<int>(e % rows); }
+};
+
+// Forward for one (group, chunk of images), each warp walking its images' slices (SliceWalk):
+//   every row:    p (or q) = softmax in registers; lane 0 writes (m, r); S_gc += p_c
+//   teacher rows: q_j -> this warp's shared memory, each lane only its own columns, so no
+//                 barrier orders it (the lane that reads q_jc is the lane that wrote it)
+//   student rows: a_ij = warp sum of p_ic q_jc; lane 0 writes it and adds
+//                 -log clamp(a_ij, eps, 1 - eps) for i != j to its running loss
+// At the end S_g and the losses are added over the warps in warp order.
+template <int kElems, typename X>
+__global__ void __launch_bounds__(kSliceWarps* kWarpSize)
+    forward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
+                         LossShape s, int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
+  using Row = LaneRow<kElems, X>;
+  extern __shared__ float smem[];
+  constexpr int64_t P = kElems * kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
+  const int num_teacher = static_cast<int>(s.num_teacher);
+  float* q = smem + warp * num_teacher * P;                             // [Vt, kElems, 32]
+  float* total = smem + num_warps * num_teacher * P;                    // [P]
+  double* warp_loss = reinterpret_cast<double*>(total + P);             // [num_warps]
+
+  const int64_t group = blockIdx.x / chunks;
+  const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, num_warps);
+  const int64_t width = s.num_groups * P;
+  const int64_t stride_view = s.batch * width;
+
+  float row_total[kElems];
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) row_total[k] = 0.0f;
+  double loss = 0.0;
+
+  auto load = [&](int64_t e, Row& slot) {
+    const int r = walk.row(e);
+    const int64_t offset = walk.image(e) * width + group * P;
+    slot.load(r < num_teacher ? teacher + r * stride_view + offset
+                              : student + (r - num_teacher) * stride_view + offset,
+              lane);
+  };
+  auto use = [&](int64_t e, const Row& slot) {
+    const int r = walk.row(e);
+    const int64_t b = walk.image(e);
+    const bool is_teacher = r < num_teacher;
+    const int view = is_teacher ? r : r - num_teacher;
+    float v[kElems];
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) v[k] = slot.get(k);
+    const float2 stats = softmax_in_registers<kElems>(v);
+    const int64_t slice = b * s.num_groups + group;
+    if (lane == 0) {
+      float* dst = (is_teacher ? out.teacher_stats : out.student_stats) +
+                   (view * s.batch * s.num_groups + slice) * 2;
+      dst[0] = stats.x;
+      dst[1] = stats.y;
+    }
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) row_total[k] += v[k];
+    if (is_teacher) {
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) q[(view * kElems + k) * kWarpSize + lane] = v[k];
+      return;
+    }
+    for (int j = 0; j < num_teacher; ++j) {
+      float a = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) a += v[k] * q[(j * kElems + k) * kWarpSize + lane];
+      a = warp_sum(a);
+      if (lane == 0) {
+        out.agreement[((view * num_teacher + j) * s.batch + b) * s.num_groups + group] = a;
+        if (view != j) loss -= log(static_cast<double>(clamp_agreement(a)));
+      }
+    }
+  };
+  for_each_prefetched<slice_ring_depth<kElems, X>(), Row>(walk.length(), load, use);
+
+  // S_g of the chunk: the warps' sums added in warp order (warp 0 writes, the others add).
+  for (int w = 0; w < num_warps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        const int64_t c = Row::column(lane, k);
+        total[c] = w == 0 ? row_total[k] : total[c] + row_total[k];
+      }
+    }
+    __syncthreads();
+  }
+  float* partial = out.partial + ((blockIdx.x % chunks) * s.num_groups + group) * P;
+  for (int64_t c = threadIdx.x; c < P; c += blockDim.x) partial[c] = total[c];
+
+  if (lane == 0) warp_loss[warp] = loss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double block_loss = 0.0;
+    for (int w = 0; w < num_warps; ++w) block_loss += warp_loss[w];
+    out.loss_partial[blockIdx.x] = block_loss;
+  }
+}
+
+// A prefetched row of the backward: its logits, its saved (m, r) and, for a student row i,
+// lane j's a_ij (j < Vt).
+template <int kElems, typename X>
+struct BackwardSlot {
+  LaneRow<kElems, X> logits;
+  float2 stats;
+  float agreement;
+};
+
+// Backward for one (group, chunk of images), each warp walking its images' slices (SliceWalk)
+// with p and q recomputed from the saved (m, r):
+//   teacher rows: q_j = exp(t_j - m_j) r_j -> this warp's shared memory (own columns only)
+//   student rows: w_ij    = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the
+//                           clamp, else 0 (lane j computes it, shuffles hand it round)
+//                 dL/dp_c = dL/dS_gc + sum_j w_ij q_jc   (dL/dS_g: registers, loaded once)
+//                 s_i     = <p, dL/dp>                   (warp sum)
+//                 dL/dx_c = p_c (dL/dp_c - s_i)          written once, 16 bytes per lane
+template <int kElems, typename X>
+__global__ void __launch_bounds__(kSliceWarps* kWarpSize)
+    backward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
+                          LossShape s, int64_t chunks, int64_t batch_per_chunk, BackwardIn in,
+                          X* __restrict__ grad_student) {
+  using Row = LaneRow<kElems, X>;
+  using Slot = BackwardSlot<kElems, X>;
+  extern __shared__ float smem[];
+  constexpr int64_t P = kElems * kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int num_teacher = static_cast<int>(s.num_teacher);
+  float* q = smem + warp * num_teacher * P;  // [Vt, kElems, 32]
+
+  const int64_t group = blockIdx.x / chunks;
+  const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, blockDim.x / kWarpSize);
+  const int64_t width = s.num_groups * P;
+  const int64_t stride_view = s.batch * width;
+  const int64_t stats_stride = s.batch * s.num_groups;
+
+  float grad_total[kElems];
+#pragma unroll
+  for (int k = 0; k < kElems; ++k) grad_total[k] = in.grad_prob_sum[group * P + Row::column(lane, k)];
+  const float grad_per_term = *in.grad_consistency * in.inv_terms;
+
+  auto load = [&](int64_t e, Slot& slot) {
+    const int r = walk.row(e);
+    const int64_t b = walk.image(e);
+    const int64_t slice = b * s.num_groups + group;
+    const int64_t offset = b * width + group * P;
+    if (r < num_teacher) {
+      slot.logits.load(teacher + r * stride_view + offset, lane);
+      slot.stats = *reinterpret_cast<const float2*>(in.teacher_stats + (r * stats_stride + slice) * 2);
+      slot.agreement = 0.0f;
+    } else {
+      const int i = r - num_teacher;
+      slot.logits.load(student + i * stride_view + offset, lane);
+      slot.stats = *reinterpret_cast<const float2*>(in.student_stats + (i * stats_stride + slice) * 2);
+      slot.agreement =
+          lane < num_teacher ? in.agreement[((i * num_teacher + lane) * s.batch + b) * s.num_groups + group]
+                             : 0.0f;
+    }
+  };
+  auto use = [&](int64_t e, const Slot& slot) {
+    const int r = walk.row(e);
+    float p[kElems];
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) p[k] = exp_shifted(slot.logits.get(k), slot.stats.x) * slot.stats.y;
+    if (r < num_teacher) {
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) q[(r * kElems + k) * kWarpSize + lane] = p[k];
+      return;
+    }
+    const int i = r - num_teacher;
+    const float lane_weight = pair_weight(slot.agreement, i == lane, grad_per_term);
+    float d[kElems];
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) d[k] = grad_total[k];
+    for (int j = 0; j < num_teacher; ++j) {
+      const float w = __shfl_sync(0xffffffffu, lane_weight, j);
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) d[k] += w * q[(j * kElems + k) * kWarpSize + lane];
+    }
+    float dot = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) dot += p[k] * d[k];
+    dot = warp_sum(dot);
+    Row grad;
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) grad.set(k, p[k] * (d[k] - dot));
+    grad.store(grad_student + i * stride_view + walk.image(e) * width + group * P, lane);
+  };
+  for_each_prefetched<slice_ring_depth<kElems, X>(), Slot>(walk.length(), load, use);
+}
+
 // Calls f(std::integral_constant<int, P / 32>{}) for the group sizes the warp kernels are
 // built for; false (and no call) for the others.
 template <typename F>
@@ -595,17 +925,58 @@ bool with_warp_elems(int64_t group_size, F&& f) {
   }
 }
 
-// CARP_FAST_CUDA_KERNELS=blocked turns the warp kernels off ("auto", "warp" or unset keep
-// them). Read per call, so that a benchmark or a test can compare both in one process.
-bool warp_kernels_allowed() {
+// Which kernels a call may use, from CARP_FAST_CUDA_KERNELS (read per call, so that a
+// benchmark or a test can compare them in one process): "auto" (or unset, or "slice") tries
+// the slice kernels, then the warp kernels, then the blocked ones; "warp" starts at the warp
+// kernels; "blocked" uses the blocked kernels everywhere.
+enum class KernelChoice { kAuto, kWarp, kBlocked };
+
+KernelChoice kernel_choice() {
   const char* choice = std::getenv("CARP_FAST_CUDA_KERNELS");
   if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "auto") == 0 ||
-      std::strcmp(choice, "warp") == 0) {
-    return true;
+      std::strcmp(choice, "slice") == 0) {
+    return KernelChoice::kAuto;
   }
+  if (std::strcmp(choice, "warp") == 0) return KernelChoice::kWarp;
   TORCH_CHECK(std::strcmp(choice, "blocked") == 0,
-              "CARP_FAST_CUDA_KERNELS must be auto, warp or blocked, got '", choice, "'");
-  return false;
+              "CARP_FAST_CUDA_KERNELS must be auto, slice, warp or blocked, got '", choice, "'");
+  return KernelChoice::kBlocked;
+}
+
+// Images per warp of the slice kernels: kSliceImagesPerWarp, or CARP_FAST_CUDA_SLICE_IMAGES
+// (for tuning), fewer where the grid would otherwise hold too few warps to fill a GPU.
+constexpr int64_t kTargetSliceWarps = 4096;
+
+struct SliceGrid {
+  int64_t chunks, batch_per_chunk;
+};
+
+SliceGrid slice_grid(const LossShape& s) {
+  int64_t per_warp = kSliceImagesPerWarp;
+  if (const char* text = std::getenv("CARP_FAST_CUDA_SLICE_IMAGES"); text != nullptr && *text) {
+    char* end = nullptr;
+    per_warp = std::strtoll(text, &end, 10);
+    TORCH_CHECK(*end == '\0' && per_warp >= 1,
+                "CARP_FAST_CUDA_SLICE_IMAGES must be a positive integer, got '", text, "'");
+  }
+  per_warp = std::clamp<int64_t>(s.num_groups * s.batch / kTargetSliceWarps, 1, per_warp);
+  const int64_t per_block = kSliceWarps * per_warp;
+  const int64_t chunks = (s.batch + per_block - 1) / per_block;
+  return {chunks, (s.batch + chunks - 1) / chunks};
+}
+
+bool aligned16(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// The slice kernels need one dtype for both logits (a lane's pieces line up with the
+// teacher's), 16-byte aligned rows, lane j for a_ij (Vt <= 32) and their shared memory
+// (q per warp; the forward's S_g and losses) within the default 48 KiB.
+bool slice_kernels_apply(const at::Tensor& student, const at::Tensor& teacher, const LossShape& s,
+                         int64_t shared_bytes) {
+  return student.scalar_type() == teacher.scalar_type() && aligned16(student) &&
+         aligned16(teacher) && s.num_teacher <= kWarpSize && shared_bytes <= kDefaultSharedBytes &&
+         with_warp_elems(s.group_size, [](auto) {});
 }
 
 int threads_for(int64_t group_size) {
@@ -659,36 +1030,55 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
   at::Tensor teacher_stats = at::empty({s.num_teacher, s.batch, s.num_groups, 2}, f32);
   at::Tensor prob_sum = at::empty({s.num_groups, s.group_size}, f32);
 
-  const int64_t chunks =
-      std::min(s.batch, (kTargetForwardBlocks + s.num_groups - 1) / s.num_groups);
-  const int64_t batch_per_chunk = (s.batch + chunks - 1) / chunks;
+  const KernelChoice choice = kernel_choice();
+  const int64_t rows = s.num_student + s.num_teacher;
+  // The slice kernels' shared memory: q per warp, S_g of the block, the warps' losses.
+  const int64_t slice_shared_bytes =
+      static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size +
+      static_cast<int64_t>(sizeof(double)) * kSliceWarps;
+  // The warp kernels' shared memory: q double-buffered, S_g of the block, the rows' losses.
+  const int64_t warp_shared_bytes =
+      static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size +
+      static_cast<int64_t>(sizeof(double)) * rows;
+  const bool slice_path =
+      choice == KernelChoice::kAuto && slice_kernels_apply(student, teacher, s, slice_shared_bytes);
+  const bool warp_path = !slice_path && choice != KernelChoice::kBlocked &&
+                         rows <= kWarpKernelMaxRows && warp_shared_bytes <= kDefaultSharedBytes;
+
+  int64_t chunks = 0, batch_per_chunk = 0;
+  if (slice_path) {
+    const SliceGrid grid = slice_grid(s);
+    chunks = grid.chunks;
+    batch_per_chunk = grid.batch_per_chunk;
+  } else {
+    chunks = std::min(s.batch, (kTargetForwardBlocks + s.num_groups - 1) / s.num_groups);
+    batch_per_chunk = (s.batch + chunks - 1) / chunks;
+  }
   const int64_t blocks = s.num_groups * chunks;
   at::Tensor partial =
       chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.group_size}, f32);
   at::Tensor loss_partial = at::empty({blocks}, student.options().dtype(at::kDouble));
 
-  const int threads = threads_for(s.group_size);
-  const int num_warps = threads / kWarpSize;
-  const int64_t rows = s.num_student + s.num_teacher;
-  const int64_t red_slots = std::max(rows, s.num_student * s.num_teacher);
-  const int64_t shared_bytes =
-      static_cast<int64_t>(sizeof(float)) *
-      ((s.num_teacher + 1) * s.group_size + red_slots * num_warps + 2 * rows);
   const ForwardOut out{loss_partial.data_ptr<double>(), agreement.data_ptr<float>(),
                        student_stats.data_ptr<float>(), teacher_stats.data_ptr<float>(),
                        partial.data_ptr<float>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  // The warp kernels' shared memory: q double-buffered, S_g of the block, the rows' losses.
-  const int64_t warp_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size +
-      static_cast<int64_t>(sizeof(double)) * rows;
-  const bool warp_path = warp_kernels_allowed() && rows <= kWarpKernelMaxRows &&
-                         warp_shared_bytes <= kDefaultSharedBytes;
-
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
+    if (slice_path) {
+      if constexpr (std::is_same_v<S, T>) {
+        with_warp_elems(s.group_size, [&](auto elems) {
+          forward_slice_kernel<decltype(elems)::value, S>
+              <<<static_cast<unsigned>(blocks), kSliceWarps * kWarpSize, slice_shared_bytes,
+                 stream>>>(student.const_data_ptr<S>(), teacher.const_data_ptr<S>(), s, chunks,
+                           batch_per_chunk, out);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      return;
+    }
     const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
       forward_warp_kernel<decltype(elems)::value, S, T>
           <<<static_cast<unsigned>(blocks), static_cast<unsigned>(rows * kWarpSize),
@@ -698,6 +1088,12 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (launched) return;
+    const int threads = threads_for(s.group_size);
+    const int num_warps = threads / kWarpSize;
+    const int64_t red_slots = std::max(rows, s.num_student * s.num_teacher);
+    const int64_t shared_bytes =
+        static_cast<int64_t>(sizeof(float)) *
+        ((s.num_teacher + 1) * s.group_size + red_slots * num_warps + 2 * rows);
     auto kernel = forward_kernel<S, T>;
     reserve_shared_memory(kernel, shared_bytes, s);
     kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
@@ -731,11 +1127,6 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty_like(student);
 
-  const int threads = threads_for(s.group_size);
-  const int num_warps = threads / kWarpSize;
-  const int64_t shared_bytes = static_cast<int64_t>(sizeof(float)) *
-                               (s.num_teacher * s.group_size + s.num_student * s.num_teacher +
-                                s.num_student * num_warps + s.num_student);
   const BackwardIn in{
       grad_consistency.const_data_ptr<float>(),
       static_cast<float>(1.0 / static_cast<double>(num_pairs(s) * s.batch * s.num_groups)),
@@ -745,14 +1136,36 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
       teacher_stats.const_data_ptr<float>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
+  const KernelChoice choice = kernel_choice();
+  // The slice kernels' shared memory: q per warp (the forward's S_g and losses are not needed).
+  const int64_t slice_shared_bytes =
+      static_cast<int64_t>(sizeof(float)) * kSliceWarps * s.num_teacher * s.group_size;
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.group_size;
-  const bool warp_path = warp_kernels_allowed() && s.num_student <= kWarpKernelMaxRows &&
+  const bool slice_path = choice == KernelChoice::kAuto && aligned16(grad_student) &&
+                          slice_kernels_apply(student, teacher, s, slice_shared_bytes);
+  const bool warp_path = !slice_path && choice != KernelChoice::kBlocked &&
+                         s.num_student <= kWarpKernelMaxRows &&
                          warp_shared_bytes <= kDefaultSharedBytes;
 
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
     using T = decltype(t_tag);
+    if (slice_path) {
+      if constexpr (std::is_same_v<S, T>) {
+        const SliceGrid grid = slice_grid(s);
+        with_warp_elems(s.group_size, [&](auto elems) {
+          backward_slice_kernel<decltype(elems)::value, S>
+              <<<static_cast<unsigned>(s.num_groups * grid.chunks), kSliceWarps * kWarpSize,
+                 slice_shared_bytes, stream>>>(student.const_data_ptr<S>(),
+                                               teacher.const_data_ptr<S>(), s, grid.chunks,
+                                               grid.batch_per_chunk, in,
+                                               grad_student.data_ptr<S>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+      }
+      return;
+    }
     const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
       backward_warp_kernel<decltype(elems)::value, S, T>
           <<<static_cast<unsigned>(s.batch * s.num_groups),
@@ -762,6 +1175,11 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (launched) return;
+    const int threads = threads_for(s.group_size);
+    const int num_warps = threads / kWarpSize;
+    const int64_t shared_bytes = static_cast<int64_t>(sizeof(float)) *
+                                 (s.num_teacher * s.group_size + s.num_student * s.num_teacher +
+                                  s.num_student * num_warps + s.num_student);
     auto kernel = backward_kernel<S, T>;
     reserve_shared_memory(kernel, shared_bytes, s);
     kernel<<<static_cast<unsigned>(s.batch * s.num_groups), threads, shared_bytes, stream>>>(

@@ -323,14 +323,17 @@ def test_two_process_gloo_matches_single_process():
 
 # ---- GPU ------------------------------------------------------------------------------
 
-# Group sizes 128-1024 take the row-per-warp kernels, the others the blocked ones; the last
-# shapes cross the warp kernels' limits (P = 4096; 18 rows in the forward but 16 students
-# in the backward), so one op call mixes both.
+# Group sizes 128-1024 take the slice kernels (a warp walks whole (image, group) slices) or,
+# with CARP_FAST_CUDA_KERNELS=warp, the row-per-warp kernels; the others take the blocked
+# ones. Some shapes cross the faster kernels' limits (P = 4096; 18 rows in the forward but 16
+# students in the backward; Vt = 3 at P = 1024 overflows the slice kernels' shared memory),
+# so one op call may mix layouts; batch 5 leaves some of the slice kernels' warps idle.
 CUDA_SHAPES = SHAPES + [
     (3, 2, 3, 1, 128),
     (2, 2, 3, 3, 256),
     (1, 2, 3, 2, 128),
     (8, 2, 5, 4, 512),
+    (3, 2, 3, 2, 1024),
     (4, 3, 2, 2, 1024),
     (6, 5, 2, 2, 256),
     (3, 2, 2, 2, 4096),
@@ -338,9 +341,9 @@ CUDA_SHAPES = SHAPES + [
 ]
 
 
-@pytest.fixture(params=["auto", "blocked"])
+@pytest.fixture(params=["auto", "warp", "blocked"])
 def cuda_kernels(request, monkeypatch):
-    """Runs a test on the default CUDA kernels (warp ones where they apply) and the blocked ones."""
+    """Runs a test on each CUDA layout: auto (slice kernels where they apply), warp, blocked."""
     monkeypatch.setenv("CARP_FAST_CUDA_KERNELS", request.param)
     return request.param
 
@@ -360,7 +363,7 @@ def test_cuda_matches_reference_fp32(shape, cuda_kernels):
 @needs_extension
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group_size", [24, 256])
+@pytest.mark.parametrize("group_size", [24, 128, 256])
 def test_cuda_half_precision_error_bounded_by_reference(dtype, group_size, cuda_kernels):
     _assert_within_twice_reference(_half_precision_errors("cuda", dtype, (4, 2, 3, 3, group_size)))
 
@@ -402,20 +405,92 @@ def test_cuda_clamp_region_and_opcheck(group_size, cuda_kernels):
 @needs_extension
 @pytest.mark.cuda
 def test_cuda_bf16_kernels_agree_at_the_published_shape(monkeypatch):
-    # The two CUDA layouts sum in different orders; at the published group size and bf16
+    # The three CUDA layouts sum in different orders; at the published group size and bf16
     # logits they must still agree to fp32 rounding, and write every gradient entry.
     student, teacher = _logits(8, 2, 64, 16, 512, device="cuda")
     student, teacher = student.bfloat16(), teacher.bfloat16()
     results = {}
-    for kernels in ("warp", "blocked"):
+    for kernels in ("slice", "warp", "blocked"):
         monkeypatch.setenv("CARP_FAST_CUDA_KERNELS", kernels)
         results[kernels] = _loss_and_grad("fused", student, teacher, 512)
-    (c_w, h_w, g_w), (c_b, h_b, g_b) = results["warp"], results["blocked"]
-    assert torch.isfinite(g_w.float()).all()
-    torch.testing.assert_close(c_w, c_b, rtol=1e-5, atol=0)
-    torch.testing.assert_close(h_w, h_b, rtol=1e-5, atol=1e-7)
-    # bf16 gradients: one rounding of the same fp32 value, so at most one bf16 ulp apart.
-    torch.testing.assert_close(g_w.float(), g_b.float(), rtol=2**-7, atol=1e-3 * g_b.float().abs().max().item())
+    c_b, h_b, g_b = results["blocked"]
+    for kernels in ("slice", "warp"):
+        c, h, g = results[kernels]
+        assert torch.isfinite(g.float()).all(), kernels
+        torch.testing.assert_close(c, c_b, rtol=1e-5, atol=0)
+        torch.testing.assert_close(h, h_b, rtol=1e-5, atol=1e-7)
+        # bf16 gradients: one rounding of the same fp32 value, so at most one bf16 ulp apart.
+        torch.testing.assert_close(
+            g.float(), g_b.float(), rtol=2**-7, atol=1e-3 * g_b.float().abs().max().item()
+        )
+
+
+@needs_extension
+@pytest.mark.cuda
+@pytest.mark.parametrize("images_per_warp", ["1", "3", "64"])
+def test_cuda_slice_kernels_any_images_per_warp(images_per_warp, monkeypatch):
+    # The slice kernels' grid (images per warp, hence chunks of the batch and idle warps)
+    # changes only the order of the fp32 sums.
+    monkeypatch.setenv("CARP_FAST_CUDA_KERNELS", "slice")
+    student, teacher = _logits(5, 2, 37, 3, 256, device="cuda")
+    c_ref, h_ref, g_ref = _loss_and_grad("reference", student, teacher, 256)
+    monkeypatch.setenv("CARP_FAST_CUDA_SLICE_IMAGES", images_per_warp)
+    c, h, g = _loss_and_grad("fused", student, teacher, 256)
+    torch.testing.assert_close(c, c_ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-7)
+    _assert_grad_close(g, g_ref)
+
+
+@needs_extension
+@pytest.mark.cuda
+def test_cuda_misaligned_and_mixed_dtype_logits_take_other_kernels():
+    # The slice kernels need 16-byte aligned rows of one dtype. Logits that start one element
+    # into their storage go to another layout: the ops are called directly, since the loss
+    # function's callers (and _loss_and_grad's clone) would hand over fresh, aligned memory.
+    ops = torch.ops.carp_fast
+    student, teacher = _logits(3, 2, 4, 2, 512, device="cuda")
+    storage = torch.empty(student.numel() + 1, device="cuda")
+    shifted = storage[1:].view_as(student).copy_(student)
+    assert shifted.is_contiguous() and shifted.data_ptr() % 16 != 0
+    aligned_out = ops.partition_softmax_forward(student, teacher, 512)
+    shifted_out = ops.partition_softmax_forward(shifted, teacher, 512)
+    for a, s in zip(aligned_out, shifted_out, strict=True):
+        torch.testing.assert_close(s, a, rtol=1e-5, atol=1e-7)
+    _, agreement, student_stats, teacher_stats, prob_sum = aligned_out
+    grad_consistency, grad_prob_sum = torch.tensor(0.7, device="cuda"), prob_sum * 0.1 - 0.3
+    grads = [
+        ops.partition_softmax_backward(grad_consistency, grad_prob_sum, logits, teacher,
+                                       agreement, student_stats, teacher_stats, 512)
+        for logits in (student, shifted)
+    ]
+    _assert_grad_close(grads[1], grads[0])
+
+    # A bf16 student with an fp32 teacher: against the reference on the same (exact) values.
+    low = student.bfloat16()
+    c, h, g = _loss_and_grad("fused", low, teacher, 512)
+    c_ref, h_ref, g_ref = _loss_and_grad("reference", low.float(), teacher, 512)
+    torch.testing.assert_close((c, h), (c_ref, h_ref), rtol=1e-5, atol=1e-7)
+    assert g.dtype == torch.bfloat16
+    # One bf16 rounding of the fp32 gradient.
+    torch.testing.assert_close(
+        g.float(), g_ref, rtol=2**-7, atol=1e-3 * g_ref.abs().max().item()
+    )
+
+
+@needs_extension
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("CARP_FAST_CUDA_KERNELS", "fastest", "must be auto, slice, warp or blocked"),
+        ("CARP_FAST_CUDA_SLICE_IMAGES", "0", "must be a positive integer"),
+    ],
+)
+def test_cuda_kernel_settings_are_checked(variable, value, message, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    student, teacher = _logits(2, 2, 3, 2, 256, device="cuda")
+    with pytest.raises(RuntimeError, match=message):
+        carp_loss(student, teacher, 256, impl="fused")
 
 
 @needs_extension

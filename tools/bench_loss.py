@@ -8,7 +8,9 @@ Implementations (--impls):
              clamp / log per pair, concatenate every probability and average it
   reference  carp_fast.loss.reference_carp_loss on partition-ordered logits
   compiled   torch.compile(reference_carp_loss)
-  fused      carp_fast.fused_loss.fused_carp_loss (the csrc/ kernels)
+  fused      carp_fast.fused_loss.fused_carp_loss (the csrc/ kernels; on CUDA the slice
+             kernels where they apply)
+  fused_warp     the same on CUDA with CARP_FAST_CUDA_KERNELS=warp (the row-per-warp kernels)
   fused_blocked  the same on CUDA with CARP_FAST_CUDA_KERNELS=blocked (the any-P kernels)
 
 Time: median of forward + backward over --reps (wall clock on CPU, CUDA events on GPU), the
@@ -47,7 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 from carp_fast.loss import EPS, draw_partition, reference_carp_loss  # noqa: E402  (after the path fix)
 
-IMPLS = ("published", "reference", "compiled", "fused", "fused_blocked")
+IMPLS = ("published", "reference", "compiled", "fused", "fused_warp", "fused_blocked")
+# The fused variants that pin the CUDA kernel layout, and the setting that pins it.
+KERNEL_LAYOUTS = {"fused_warp": "warp", "fused_blocked": "blocked"}
 DEFAULT_IMPLS = ("published", "reference", "compiled", "fused")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,10 +113,10 @@ def make_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def kernel_choice(impl: str):
-    """CARP_FAST_CUDA_KERNELS=blocked while ``fused_blocked`` runs (forward and backward)."""
-    if impl != "fused_blocked":
+    """CARP_FAST_CUDA_KERNELS pinned while a ``fused_*`` variant runs (forward and backward)."""
+    if impl not in KERNEL_LAYOUTS:
         return contextlib.nullcontext()
-    return mock.patch.dict(os.environ, {"CARP_FAST_CUDA_KERNELS": "blocked"})
+    return mock.patch.dict(os.environ, {"CARP_FAST_CUDA_KERNELS": KERNEL_LAYOUTS[impl]})
 
 
 def synchronize(device: str) -> None:
@@ -293,6 +297,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated subset of {','.join(IMPLS)}"
     )
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument(
+        "--slice-images",
+        default="",
+        help="CUDA: also time the fused kernels alone at each of these comma-separated "
+        "CARP_FAST_CUDA_SLICE_IMAGES values (images per warp of the slice kernels; tuning)",
+    )
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -343,11 +353,15 @@ def main(argv: list[str] | None = None) -> dict:
             bandwidth = copy_bandwidth(args.device, args.reps)
             peak = datasheet_bandwidth(torch.cuda.get_device_name(args.device))
             roofline = {"copy": bandwidth, "datasheet_bytes_per_s": peak, "kernels": {}}
-            for impl in ("fused", "fused_blocked"):
+            for impl in ("fused", *KERNEL_LAYOUTS):
                 if impl in impls:
                     with kernel_choice(impl):
                         roofline["kernels"][impl] = fused_roofline(
                             student, teacher, args.group, args.reps, bandwidth["bytes_per_s"], peak)
+            for images in filter(None, args.slice_images.split(",")):
+                with mock.patch.dict(os.environ, {"CARP_FAST_CUDA_SLICE_IMAGES": images.strip()}):
+                    roofline["kernels"][f"fused_slice_images_{images.strip()}"] = fused_roofline(
+                        student, teacher, args.group, args.reps, bandwidth["bytes_per_s"], peak)
         memory_method = "torch.cuda.max_memory_allocated during one step minus allocated before"
     else:
         del loss_fns

@@ -14,13 +14,19 @@
 #   BATCHES=256 bash tools/gpu_check.sh     # per-GPU batch sizes to try, largest first
 #   TESTS_K=knn LOSS_IMPLS=published,fused bash tools/gpu_check.sh   # a shorter rerun
 #   CARP_FAST_COMMIT=<sha> ...              # the commit to record where .git did not travel
+#   PROFILE=0 SLICE_IMAGES=1,2,4,8 NCU=1 TESTS_K=fused bash tools/gpu_check.sh
+#       # the loss kernels only: no step profile, the slice kernels' images per warp swept,
+#       # and Nsight Compute's view of one forward and one backward launch (ncu.txt)
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${BUDGET:-360}
 BATCHES=${BATCHES:-640,512,384,256,128}
 TESTS_K=${TESTS_K:-}  # a pytest -k filter for the GPU tests (all of them by default)
-LOSS_IMPLS=${LOSS_IMPLS:-published,reference,compiled,fused,fused_blocked}
+LOSS_IMPLS=${LOSS_IMPLS:-published,reference,compiled,fused,fused_warp,fused_blocked}
 COMPILE=${COMPILE:-0}
+PROFILE=${PROFILE:-1}
+SLICE_IMAGES=${SLICE_IMAGES:-}
+NCU=${NCU:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_check.log"
@@ -84,13 +90,22 @@ fi
 
 run_stage "loss at B=256, bf16: $LOSS_IMPLS" 120 \
   python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 20 \
-  --impls "$LOSS_IMPLS" --json "$OUT/loss_cuda_bf16.json"
+  --impls "$LOSS_IMPLS" --slice-images "$SLICE_IMAGES" --json "$OUT/loss_cuda_bf16.json"
+
+if ((NCU)); then
+  run_stage "ncu: the first forward and backward kernel launches of the fused loss" 120 \
+    ncu --launch-count 2 -k "regex:(forward|backward)_(slice_|warp_)?kernel" --section SpeedOfLight \
+    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats \
+    python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 1 --warmup 1 \
+    --impls fused > "$OUT/ncu.txt"
+fi
 
 # No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches
 # against the published recipe on the same inputs; eager unless COMPILE=1 (then both ways).
 COMPILE_ARGS=(train.compile=false)
 ((COMPILE)) && COMPILE_ARGS=(--compile)
-run_stage "profile: carp_fast vs the published baseline" 300 \
+((PROFILE)) && run_stage "profile: carp_fast vs the published baseline" 300 \
   python tools/profile_throughput.py --cfg fast_400ep.yaml --device cuda --backends "" \
   --steps 15 --warmup 5 --loss-reps 10 --loss-impls reference,fused --fit-batch "$BATCHES" \
   --baseline "${COMPILE_ARGS[@]}" train.amp=bf16 model.channels_last=true \
