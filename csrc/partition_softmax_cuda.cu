@@ -63,8 +63,6 @@ constexpr int kTeacherChunk = 4;
 constexpr int64_t kTargetForwardBlocks = 2048;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kDefaultSharedBytes = 48 * 1024;
-// The forward's per-warp consistency sums.
-constexpr int64_t kStaticSharedBytes = sizeof(double) * (kMaxThreads / kWarpSize);
 
 // A NaN in a row must make that row's max NaN (as in torch.softmax), so that the loss is
 // NaN rather than silently ignoring the entry: fmaxf would drop it.
@@ -122,8 +120,9 @@ struct SliceRows {
   }
 };
 
+// What a forward kernel writes; the consistency is then computed from the agreements alone
+// (consistency_terms_kernel), the same way for every layout.
 struct ForwardOut {
-  double* __restrict__ loss_partial;  // [blocks]: sum of -log clamp(a) over the block's pairs
   float* __restrict__ agreement;      // [Vs, Vt, B, G]
   float* __restrict__ student_stats;  // [Vs, B, G, 2]
   float* __restrict__ teacher_stats;  // [Vt, B, G, 2]
@@ -135,7 +134,6 @@ struct ForwardOut {
 //   q_jc = exp(t_jc - m_j) r_j      kept in shared memory, own columns only
 //   p_ic = exp(x_ic - m_i) r_i;  a_ij = sum_c p_ic q_jc             (one block reduction)
 //   S_gc += sum_j q_jc + sum_i p_ic                                  (own columns)
-//   loss += -log clamp(a_ij, eps, 1 - eps) for i != j                (thread of pair ij)
 template <typename S, typename T>
 __global__ void __launch_bounds__(kMaxThreads)
     forward_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
@@ -161,7 +159,6 @@ __global__ void __launch_bounds__(kMaxThreads)
   const int64_t width = s.num_groups * P;
 
   for (int64_t c = tid; c < P; c += blockDim.x) total[c] = 0.0f;
-  double loss = 0.0;  // this thread's pairs, over the chunk's images
 
   const int64_t b_end = min(s.batch, (chunk + 1) * batch_per_chunk);
   for (int64_t b = chunk * batch_per_chunk; b < b_end; ++b) {
@@ -230,49 +227,57 @@ __global__ void __launch_bounds__(kMaxThreads)
     }
     __syncthreads();
     for (int k = tid; k < num_student * num_teacher; k += blockDim.x) {
-      const float a = combine_warps_sum(red, k, num_warps);
-      out.agreement[(k * s.batch) * s.num_groups + slice] = a;
-      if (k / num_teacher != k % num_teacher) {
-        loss -= log(static_cast<double>(clamp_agreement(a)));
-      }
+      out.agreement[(k * s.batch) * s.num_groups + slice] = combine_warps_sum(red, k, num_warps);
     }
     __syncthreads();  // red and the stats are rewritten for the next image
   }
 
   float* partial = out.partial + (chunk * s.num_groups + group) * P;
   for (int64_t c = tid; c < P; c += blockDim.x) partial[c] = total[c];
-
-  // The block's consistency terms: warps, then the warps in order.
-  __shared__ double warp_loss[kStaticSharedBytes / sizeof(double)];
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    loss += __shfl_xor_sync(0xffffffffu, loss, offset);
-  }
-  if (lane == 0) warp_loss[warp] = loss;
-  __syncthreads();
-  if (tid == 0) {
-    double block_loss = 0.0;
-    for (int w = 0; w < num_warps; ++w) block_loss += warp_loss[w];
-    out.loss_partial[blockIdx.x] = block_loss;
-  }
 }
 
-// consistency = (sum of the forward blocks' terms) / N, by one block of kMaxThreads threads:
-// thread t adds blocks t, t + kMaxThreads, ... in order, then a fixed tree. The launch
-// shape is a constant, so the order is too.
-__global__ void __launch_bounds__(kMaxThreads)
-    finish_consistency_kernel(const double* __restrict__ loss_partial, int64_t blocks,
-                              double inv_terms, float* __restrict__ consistency) {
-  __shared__ double partial[kMaxThreads];
-  double sum = 0.0;
-  for (int64_t k = threadIdx.x; k < blocks; k += kMaxThreads) sum += loss_partial[k];
-  partial[threadIdx.x] = sum;
+// consistency = (sum over pairs i != j and slices (b, g) of -log clamp(a_ijbg, eps, 1 - eps))
+// / N, from the agreements every forward layout writes, in double. Two passes of fixed
+// launch shapes, so that the order of the sums depends on the shapes only: each of
+// kConsistencyBlocks blocks adds a strided share of the agreements (thread by thread, then a
+// fixed tree), then one block adds the blocks' sums in a fixed tree.
+constexpr int kConsistencyBlocks = kMaxThreads;
+
+// The sum of every thread's v over a block of kMaxThreads threads, in a fixed tree.
+__device__ __forceinline__ double block_sum(double v, double* partial) {
+  partial[threadIdx.x] = v;
   __syncthreads();
   for (int width = kMaxThreads / 2; width > 0; width /= 2) {
     if (threadIdx.x < width) partial[threadIdx.x] += partial[threadIdx.x + width];
     __syncthreads();
   }
-  if (threadIdx.x == 0) *consistency = static_cast<float>(partial[0] * inv_terms);
+  return partial[0];
+}
+
+__global__ void __launch_bounds__(kMaxThreads)
+    consistency_terms_kernel(const float* __restrict__ agreement, LossShape s,
+                             double* __restrict__ block_terms) {
+  __shared__ double partial[kMaxThreads];
+  const int64_t slices = s.batch * s.num_groups;
+  const int64_t n = s.num_student * s.num_teacher * slices;
+  double sum = 0.0;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kMaxThreads + threadIdx.x; e < n;
+       e += static_cast<int64_t>(kConsistencyBlocks) * kMaxThreads) {
+    const int64_t pair = e / slices;  // i * Vt + j
+    if (pair / s.num_teacher != pair % s.num_teacher) {
+      sum -= log(static_cast<double>(clamp_agreement(agreement[e])));
+    }
+  }
+  const double block_total = block_sum(sum, partial);
+  if (threadIdx.x == 0) block_terms[blockIdx.x] = block_total;
+}
+
+__global__ void __launch_bounds__(kMaxThreads)
+    finish_consistency_kernel(const double* __restrict__ block_terms, double inv_terms,
+                              float* __restrict__ consistency) {
+  __shared__ double partial[kMaxThreads];
+  const double total = block_sum(block_terms[threadIdx.x], partial);
+  if (threadIdx.x == 0) *consistency = static_cast<float>(total * inv_terms);
 }
 
 // S = sum over chunks of the partial sums, in chunk order.
@@ -435,10 +440,9 @@ __device__ __forceinline__ float2 softmax_in_registers(float (&v)[kElems]) {
 //                  S_gc += its probabilities (registers, summed over the chunk's images)
 //   teacher warps: q_j -> shared memory (double-buffered by image parity, so one barrier
 //                  per image orders the writes of image b after the reads of image b - 2)
-//   student warps: a_ij = warp sum of p_ic q_jc; lane 0 writes it and adds
-//                  -log clamp(a_ij, eps, 1 - eps) for i != j to its running loss
-// At the end the rows' S_g are added in row order through shared memory, and the warps'
-// losses in warp order, so the result is fixed by the shapes.
+//   student warps: a_ij = warp sum of p_ic q_jc, written by lane 0
+// At the end the rows' S_g are added in row order through shared memory, so the result is
+// fixed by the shapes.
 template <int kElems, typename S, typename T>
 __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
     forward_warp_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
@@ -447,9 +451,8 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
   constexpr int64_t P = kElems * kWarpSize;
   const int num_teacher = static_cast<int>(s.num_teacher);
   const int rows = num_teacher + static_cast<int>(s.num_student);
-  float* q = smem;                                               // [2, Vt, P]
-  float* total = q + 2 * num_teacher * P;                        // [P]
-  double* row_loss = reinterpret_cast<double*>(total + P);       // [rows] (P * 4 bytes: aligned)
+  float* q = smem;                         // [2, Vt, P]
+  float* total = q + 2 * num_teacher * P;  // [P]
 
   const int64_t group = blockIdx.x / chunks;
   const int64_t chunk = blockIdx.x % chunks;
@@ -464,7 +467,6 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
   float row_total[kElems];
 #pragma unroll
   for (int k = 0; k < kElems; ++k) row_total[k] = 0.0f;
-  double loss = 0.0;
 
   const int64_t b_end = min(s.batch, (chunk + 1) * batch_per_chunk);
   for (int64_t b = chunk * batch_per_chunk; b < b_end; ++b) {
@@ -499,7 +501,6 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
         a = warp_sum(a);
         if (lane == 0) {
           out.agreement[((view * num_teacher + j) * s.batch + b) * s.num_groups + group] = a;
-          if (view != j) loss -= log(static_cast<double>(clamp_agreement(a)));
         }
       }
     }
@@ -518,14 +519,6 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
   }
   float* partial = out.partial + (chunk * s.num_groups + group) * P;
   for (int64_t c = threadIdx.x; c < P; c += blockDim.x) partial[c] = total[c];
-
-  if (lane == 0) row_loss[row] = loss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double block_loss = 0.0;
-    for (int r = 0; r < rows; ++r) block_loss += row_loss[r];
-    out.loss_partial[blockIdx.x] = block_loss;
-  }
 }
 
 // Backward for one (image b, group g), warp i holding student row i. The block first
@@ -592,8 +585,7 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
 // A warp of these kernels owns whole (image, group) slices: it walks the Vt + Vs rows of one
 // image's slice (teacher rows first), then the next image's, keeping the next rows' loads in
 // flight while it computes on the current one. No warp waits for another until the very end
-// (the forward's S_g and loss, added in warp order), and each lane's loads are 16 bytes wide,
-// so a warp has kSliceRingWords * 4 bytes per lane of logits in flight while it computes.
+// (the forward's S_g, added in warp order), and each lane's loads are 16 bytes wide.
 // Used when student and teacher share a dtype, P is 128, 256, 512 or 1024, and the pointers
 // are 16-byte aligned; the warp and blocked kernels above take every other case.
 constexpr int kSliceWarps = 4;  // warps per block; they share one group g
@@ -619,8 +611,8 @@ struct LaneRow {
   static_assert(kElems % kPiece == 0 && (kPieceWords == 2 || kPieceWords == 4), "piece layout");
   uint32_t word[kWords];
 
-  __device__ __forceinline__ static int64_t column(int lane, int k) {
-    return (static_cast<int64_t>(k / kPiece) * kWarpSize + lane) * kPiece + k % kPiece;
+  __device__ __forceinline__ static int column(int lane, int k) {
+    return ((k / kPiece) * kWarpSize + lane) * kPiece + k % kPiece;
   }
 
   __device__ __forceinline__ void load(const X* __restrict__ row, int lane) {
@@ -660,13 +652,15 @@ struct LaneRow {
     }
   }
 
-  // Element k from fp32, rounded exactly as static_cast<X>(float).
-  __device__ __forceinline__ void set(int k, float v) {
-    if constexpr (std::is_same_v<X, float>) {
-      word[k] = __float_as_uint(v);
-    } else {
-      const uint32_t bits = X(v).x;
-      word[k / 2] = k % 2 ? (word[k / 2] & 0xffffu) | (bits << 16) : bits;
+  // Elements k from fp32, rounded exactly as static_cast<X>(float).
+  __device__ __forceinline__ void set_all(const float (&v)[kElems]) {
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      if constexpr (std::is_same_v<X, float>) {
+        word[k] = __float_as_uint(v[k]);
+      } else if (k % 2 == 1) {
+        word[k / 2] = static_cast<uint32_t>(X(v[k - 1]).x) | (static_cast<uint32_t>(X(v[k]).x) << 16);
+      }
     }
   }
 };
@@ -677,35 +671,17 @@ constexpr int slice_ring_depth() {
   return depth < 2 ? 2 : (depth > 8 ? 8 : depth);
 }
 
-// Calls use(e, slot) for e = 0 .. n - 1 in order, where load(e, slot) filled the slot: the
-// loads of e + 1 .. e + kDepth are in flight while use(e) runs. The ring is unrolled so that
-// every slot stays in registers.
-template <int kDepth, typename Slot, typename Load, typename Use>
-__device__ __forceinline__ void for_each_prefetched(int64_t n, Load&& load, Use&& use) {
-  Slot ring[kDepth];
-#pragma unroll
-  for (int k = 0; k < kDepth; ++k) {
-    if (k < n) load(k, ring[k]);
-  }
-  for (int64_t base = 0; base < n; base += kDepth) {
-#pragma unroll
-    for (int k = 0; k < kDepth; ++k) {
-      const int64_t e = base + k;
-      if (e < n) {
-        const Slot current = ring[k];
-        if (e + kDepth < n) load(e + kDepth, ring[k]);
-        use(e, current);
-      }
-    }
-  }
-}
+// Where a warp's walk is: an image and a row of its slice (rows 0..Vt-1 teacher, then students).
+struct RowPos {
+  int64_t image;
+  int row;
+};
 
-// The rows one warp walks: images first, first + step, ... (count of them) of group g, and
-// in each the Vt teacher rows, then the Vs student rows. Row e of the walk is row e % R of
-// image first + (e / R) * step.
+// The rows one warp walks: images first, first + step, ... (count of them) of one group, and
+// in each the Vt teacher rows, then the Vs student rows.
 struct SliceWalk {
-  int64_t first, step, count;
-  int rows, num_teacher;
+  int64_t first;
+  int step, count, rows;
 
   __device__ __forceinline__ SliceWalk(const LossShape& s, int64_t chunk, int64_t batch_per_chunk,
                                        int warp, int num_warps) {
@@ -713,96 +689,162 @@ struct SliceWalk {
     const int64_t end = min(s.batch, (chunk + 1) * batch_per_chunk);
     first = begin;
     step = num_warps;
-    count = begin < end ? (end - begin + num_warps - 1) / num_warps : 0;
-    num_teacher = static_cast<int>(s.num_teacher);
-    rows = num_teacher + static_cast<int>(s.num_student);
+    count = begin < end ? static_cast<int>((end - begin + num_warps - 1) / num_warps) : 0;
+    rows = static_cast<int>(s.num_teacher + s.num_student);
   }
-  __device__ __forceinline__ int64_t length() const { return count * rows; }
-  __device__ __forceinline__ int64_t image(int64_t e) const { return first + (e / rows) * step; }
-  __device__ __forceinline__ int row(int64_t e) const { return static_cast<int>(e % rows); }
+  __device__ __forceinline__ void advance(RowPos& pos) const {
+    if (++pos.row == rows) {
+      pos.row = 0;
+      pos.image += step;
+    }
+  }
 };
 
-// Forward for one (group, chunk of images), each warp walking its images' slices (SliceWalk):
-//   every row:    p (or q) = softmax in registers; lane 0 writes (m, r); S_gc += p_c
-//   teacher rows: q_j -> this warp's shared memory, each lane only its own columns, so no
-//                 barrier orders it (the lane that reads q_jc is the lane that wrote it)
-//   student rows: a_ij = warp sum of p_ic q_jc; lane 0 writes it and adds
-//                 -log clamp(a_ij, eps, 1 - eps) for i != j to its running loss
-// At the end S_g and the losses are added over the warps in warp order.
+// Calls use(pos, slot) for every row of the walk in order, where load(pos, slot) filled the
+// slot: the loads of the next kDepth rows are in flight while use runs. The ring is unrolled
+// so that every slot stays in registers.
+template <int kDepth, typename Slot, typename Load, typename Use>
+__device__ __forceinline__ void for_each_prefetched(const SliceWalk& walk, Load&& load, Use&& use) {
+  const int n = walk.count * walk.rows;
+  Slot ring[kDepth];
+  RowPos ahead{walk.first, 0};  // the next row to load
+#pragma unroll
+  for (int k = 0; k < kDepth; ++k) {
+    if (k < n) {
+      load(ahead, ring[k]);
+      walk.advance(ahead);
+    }
+  }
+  RowPos at{walk.first, 0};
+  for (int base = 0; base < n; base += kDepth) {
+#pragma unroll
+    for (int k = 0; k < kDepth; ++k) {
+      if (base + k < n) {
+        const Slot current = ring[k];
+        if (base + k + kDepth < n) {
+          load(ahead, ring[k]);
+          walk.advance(ahead);
+        }
+        use(at, current);
+        walk.advance(at);
+      }
+    }
+  }
+}
+
+// This warp's teacher probabilities q_j in shared memory, [Vt, kElems / 4, 32] float4s: lane l
+// reads and writes only its own entries (so no barrier orders them), 16 bytes at a time.
+template <int kElems>
+struct WarpTeacherProbs {
+  static_assert(kElems % 4 == 0, "q is kept as float4s");
+  float4* q;
+
+  __device__ __forceinline__ void put(int j, int lane, const float (&v)[kElems], float scale) const {
+#pragma unroll
+    for (int k = 0; k < kElems; k += 4) {
+      q[(j * (kElems / 4) + k / 4) * kWarpSize + lane] =
+          make_float4(v[k] * scale, v[k + 1] * scale, v[k + 2] * scale, v[k + 3] * scale);
+    }
+  }
+  __device__ __forceinline__ float4 get4(int j, int lane, int k) const {
+    return q[(j * (kElems / 4) + k / 4) * kWarpSize + lane];
+  }
+};
+
+// Forward for one (group, chunk of images), each warp walking its images' slices (SliceWalk).
+// Per row, with e_c = exp(x_c - m) kept unnormalised:
+//   m = max_c x_c;  r = 1 / sum_c e_c;  lane 0 writes (m, r);  S_gc += e_c r
+//   teacher row j: q_jc = e_c r -> this warp's shared memory
+//   student row i: a_ij = r * sum_c e_c q_jc (warp sum), written by lane 0
+// A NaN logit makes its row's sum, hence r, every p and every a_ij of the row NaN (the max
+// skips NaNs here, unlike the other layouts, but the loss is NaN all the same).
+// At the end S_g is added over the warps in warp order.
 template <int kElems, typename X>
 __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     forward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
                          LossShape s, int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
   using Row = LaneRow<kElems, X>;
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem4[];
   constexpr int64_t P = kElems * kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
   const int num_teacher = static_cast<int>(s.num_teacher);
-  float* q = smem + warp * num_teacher * P;                             // [Vt, kElems, 32]
-  float* total = smem + num_warps * num_teacher * P;                    // [P]
-  double* warp_loss = reinterpret_cast<double*>(total + P);             // [num_warps]
+  const WarpTeacherProbs<kElems> q{smem4 + warp * num_teacher * (P / 4)};
+  float* total = reinterpret_cast<float*>(smem4 + num_warps * num_teacher * (P / 4));  // [P]
 
   const int64_t group = blockIdx.x / chunks;
   const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, num_warps);
   const int64_t width = s.num_groups * P;
   const int64_t stride_view = s.batch * width;
+  const int64_t stats_stride = s.batch * s.num_groups;
 
   float row_total[kElems];
 #pragma unroll
   for (int k = 0; k < kElems; ++k) row_total[k] = 0.0f;
-  double loss = 0.0;
 
-  auto load = [&](int64_t e, Row& slot) {
-    const int r = walk.row(e);
-    const int64_t offset = walk.image(e) * width + group * P;
-    slot.load(r < num_teacher ? teacher + r * stride_view + offset
-                              : student + (r - num_teacher) * stride_view + offset,
+  auto load = [&](const RowPos& at, Row& slot) {
+    const int64_t offset = at.image * width + group * P;
+    slot.load(at.row < num_teacher ? teacher + at.row * stride_view + offset
+                                   : student + (at.row - num_teacher) * stride_view + offset,
               lane);
   };
-  auto use = [&](int64_t e, const Row& slot) {
-    const int r = walk.row(e);
-    const int64_t b = walk.image(e);
-    const bool is_teacher = r < num_teacher;
-    const int view = is_teacher ? r : r - num_teacher;
-    float v[kElems];
+  auto use = [&](const RowPos& at, const Row& slot) {
+    float e[kElems];
+    float m = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) v[k] = slot.get(k);
-    const float2 stats = softmax_in_registers<kElems>(v);
-    const int64_t slice = b * s.num_groups + group;
-    if (lane == 0) {
-      float* dst = (is_teacher ? out.teacher_stats : out.student_stats) +
-                   (view * s.batch * s.num_groups + slice) * 2;
-      dst[0] = stats.x;
-      dst[1] = stats.y;
+    for (int k = 0; k < kElems; ++k) {
+      e[k] = slot.get(k);
+      m = fmaxf(m, e[k]);
     }
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) row_total[k] += v[k];
-    if (is_teacher) {
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    }
+    float sum = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) q[(view * kElems + k) * kWarpSize + lane] = v[k];
+    for (int k = 0; k < kElems; ++k) {
+      e[k] = exp_shifted(e[k], m);
+      sum += e[k];
+    }
+    const float inv = 1.0f / warp_sum(sum);
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) row_total[k] = fmaf(e[k], inv, row_total[k]);
+
+    const bool is_teacher = at.row < num_teacher;
+    const int view = is_teacher ? at.row : at.row - num_teacher;
+    const int64_t slice = at.image * s.num_groups + group;
+    if (lane == 0) {
+      float* stats = (is_teacher ? out.teacher_stats : out.student_stats) +
+                     (view * stats_stride + slice) * 2;
+      *reinterpret_cast<float2*>(stats) = make_float2(m, inv);
+    }
+    if (is_teacher) {
+      q.put(view, lane, e, inv);
       return;
     }
     for (int j = 0; j < num_teacher; ++j) {
       float a = 0.0f;
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) a += v[k] * q[(j * kElems + k) * kWarpSize + lane];
-      a = warp_sum(a);
-      if (lane == 0) {
-        out.agreement[((view * num_teacher + j) * s.batch + b) * s.num_groups + group] = a;
-        if (view != j) loss -= log(static_cast<double>(clamp_agreement(a)));
+      for (int k = 0; k < kElems; k += 4) {
+        const float4 qv = q.get4(j, lane, k);
+        a = fmaf(e[k], qv.x, a);
+        a = fmaf(e[k + 1], qv.y, a);
+        a = fmaf(e[k + 2], qv.z, a);
+        a = fmaf(e[k + 3], qv.w, a);
       }
+      a = warp_sum(a) * inv;
+      if (lane == 0) out.agreement[((view * num_teacher + j) * s.batch + at.image) * s.num_groups + group] = a;
     }
   };
-  for_each_prefetched<slice_ring_depth<kElems, X>(), Row>(walk.length(), load, use);
+  for_each_prefetched<slice_ring_depth<kElems, X>(), Row>(walk, load, use);
 
   // S_g of the chunk: the warps' sums added in warp order (warp 0 writes, the others add).
   for (int w = 0; w < num_warps; ++w) {
     if (warp == w) {
 #pragma unroll
       for (int k = 0; k < kElems; ++k) {
-        const int64_t c = Row::column(lane, k);
+        const int c = Row::column(lane, k);
         total[c] = w == 0 ? row_total[k] : total[c] + row_total[k];
       }
     }
@@ -810,14 +852,6 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   }
   float* partial = out.partial + ((blockIdx.x % chunks) * s.num_groups + group) * P;
   for (int64_t c = threadIdx.x; c < P; c += blockDim.x) partial[c] = total[c];
-
-  if (lane == 0) warp_loss[warp] = loss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    double block_loss = 0.0;
-    for (int w = 0; w < num_warps; ++w) block_loss += warp_loss[w];
-    out.loss_partial[blockIdx.x] = block_loss;
-  }
 }
 
 // A prefetched row of the backward: its logits, its saved (m, r) and, for a student row i,
@@ -830,8 +864,8 @@ struct BackwardSlot {
 };
 
 // Backward for one (group, chunk of images), each warp walking its images' slices (SliceWalk)
-// with p and q recomputed from the saved (m, r):
-//   teacher rows: q_j = exp(t_j - m_j) r_j -> this warp's shared memory (own columns only)
+// with p and q recomputed from the saved (m, r) as in every layout:
+//   teacher rows: q_j = exp(t_j - m_j) r_j -> this warp's shared memory (own entries only)
 //   student rows: w_ij    = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the
 //                           clamp, else 0 (lane j computes it, shuffles hand it round)
 //                 dL/dp_c = dL/dS_gc + sum_j w_ij q_jc   (dL/dS_g: registers, loaded once)
@@ -844,12 +878,12 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
                           X* __restrict__ grad_student) {
   using Row = LaneRow<kElems, X>;
   using Slot = BackwardSlot<kElems, X>;
-  extern __shared__ float smem[];
+  extern __shared__ float4 smem4[];
   constexpr int64_t P = kElems * kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_teacher = static_cast<int>(s.num_teacher);
-  float* q = smem + warp * num_teacher * P;  // [Vt, kElems, 32]
+  const WarpTeacherProbs<kElems> q{smem4 + warp * num_teacher * (P / 4)};
 
   const int64_t group = blockIdx.x / chunks;
   const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, blockDim.x / kWarpSize);
@@ -862,35 +896,31 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   for (int k = 0; k < kElems; ++k) grad_total[k] = in.grad_prob_sum[group * P + Row::column(lane, k)];
   const float grad_per_term = *in.grad_consistency * in.inv_terms;
 
-  auto load = [&](int64_t e, Slot& slot) {
-    const int r = walk.row(e);
-    const int64_t b = walk.image(e);
-    const int64_t slice = b * s.num_groups + group;
-    const int64_t offset = b * width + group * P;
-    if (r < num_teacher) {
-      slot.logits.load(teacher + r * stride_view + offset, lane);
-      slot.stats = *reinterpret_cast<const float2*>(in.teacher_stats + (r * stats_stride + slice) * 2);
+  auto load = [&](const RowPos& at, Slot& slot) {
+    const int64_t slice = at.image * s.num_groups + group;
+    const int64_t offset = at.image * width + group * P;
+    if (at.row < num_teacher) {
+      slot.logits.load(teacher + at.row * stride_view + offset, lane);
+      slot.stats = *reinterpret_cast<const float2*>(in.teacher_stats + (at.row * stats_stride + slice) * 2);
       slot.agreement = 0.0f;
     } else {
-      const int i = r - num_teacher;
+      const int i = at.row - num_teacher;
       slot.logits.load(student + i * stride_view + offset, lane);
       slot.stats = *reinterpret_cast<const float2*>(in.student_stats + (i * stats_stride + slice) * 2);
-      slot.agreement =
-          lane < num_teacher ? in.agreement[((i * num_teacher + lane) * s.batch + b) * s.num_groups + group]
-                             : 0.0f;
+      slot.agreement = lane < num_teacher
+                           ? in.agreement[((i * num_teacher + lane) * s.batch + at.image) * s.num_groups + group]
+                           : 0.0f;
     }
   };
-  auto use = [&](int64_t e, const Slot& slot) {
-    const int r = walk.row(e);
+  auto use = [&](const RowPos& at, const Slot& slot) {
     float p[kElems];
 #pragma unroll
     for (int k = 0; k < kElems; ++k) p[k] = exp_shifted(slot.logits.get(k), slot.stats.x) * slot.stats.y;
-    if (r < num_teacher) {
-#pragma unroll
-      for (int k = 0; k < kElems; ++k) q[(r * kElems + k) * kWarpSize + lane] = p[k];
+    if (at.row < num_teacher) {
+      q.put(at.row, lane, p, 1.0f);
       return;
     }
-    const int i = r - num_teacher;
+    const int i = at.row - num_teacher;
     const float lane_weight = pair_weight(slot.agreement, i == lane, grad_per_term);
     float d[kElems];
 #pragma unroll
@@ -898,18 +928,25 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     for (int j = 0; j < num_teacher; ++j) {
       const float w = __shfl_sync(0xffffffffu, lane_weight, j);
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) d[k] += w * q[(j * kElems + k) * kWarpSize + lane];
+      for (int k = 0; k < kElems; k += 4) {
+        const float4 qv = q.get4(j, lane, k);
+        d[k] += w * qv.x;
+        d[k + 1] += w * qv.y;
+        d[k + 2] += w * qv.z;
+        d[k + 3] += w * qv.w;
+      }
     }
     float dot = 0.0f;
 #pragma unroll
     for (int k = 0; k < kElems; ++k) dot += p[k] * d[k];
     dot = warp_sum(dot);
-    Row grad;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) grad.set(k, p[k] * (d[k] - dot));
-    grad.store(grad_student + i * stride_view + walk.image(e) * width + group * P, lane);
+    for (int k = 0; k < kElems; ++k) d[k] = p[k] * (d[k] - dot);
+    Row grad;
+    grad.set_all(d);
+    grad.store(grad_student + i * stride_view + at.image * width + group * P, lane);
   };
-  for_each_prefetched<slice_ring_depth<kElems, X>(), Slot>(walk.length(), load, use);
+  for_each_prefetched<slice_ring_depth<kElems, X>(), Slot>(walk, load, use);
 }
 
 // Calls f(std::integral_constant<int, P / 32>{}) for the group sizes the warp kernels are
@@ -971,7 +1008,7 @@ bool aligned16(const at::Tensor& t) {
 
 // The slice kernels need one dtype for both logits (a lane's pieces line up with the
 // teacher's), 16-byte aligned rows, lane j for a_ij (Vt <= 32) and their shared memory
-// (q per warp; the forward's S_g and losses) within the default 48 KiB.
+// (q per warp; the forward's S_g) within the default 48 KiB.
 bool slice_kernels_apply(const at::Tensor& student, const at::Tensor& teacher, const LossShape& s,
                          int64_t shared_bytes) {
   return student.scalar_type() == teacher.scalar_type() && aligned16(student) &&
@@ -1003,16 +1040,15 @@ void with_logit_types(const at::Tensor& student, const at::Tensor& teacher, F&& 
 }
 
 // Dynamic shared memory above 48 KiB must be opted into per kernel; beyond the device's
-// opt-in limit (less the kernel's static shared memory) the group is too large for this
-// kernel and we say so.
+// opt-in limit the group is too large for this kernel and we say so.
 template <typename Kernel>
 void reserve_shared_memory(Kernel kernel, int64_t bytes, const LossShape& s) {
-  if (bytes + kStaticSharedBytes <= kDefaultSharedBytes) return;
+  if (bytes <= kDefaultSharedBytes) return;
   int device = 0;
   int limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes + kStaticSharedBytes <= limit, "carp_fast fused loss: group size ",
+  TORCH_CHECK(bytes <= limit, "carp_fast fused loss: group size ",
               s.group_size, " with ", s.num_teacher, " teacher views needs ", bytes,
               " bytes of shared memory per block, more than this GPU's ", limit);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1032,14 +1068,12 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
 
   const KernelChoice choice = kernel_choice();
   const int64_t rows = s.num_student + s.num_teacher;
-  // The slice kernels' shared memory: q per warp, S_g of the block, the warps' losses.
+  // The slice kernels' shared memory: q per warp, S_g of the block.
   const int64_t slice_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size +
-      static_cast<int64_t>(sizeof(double)) * kSliceWarps;
-  // The warp kernels' shared memory: q double-buffered, S_g of the block, the rows' losses.
+      static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size;
+  // The warp kernels' shared memory: q double-buffered, S_g of the block.
   const int64_t warp_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size +
-      static_cast<int64_t>(sizeof(double)) * rows;
+      static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size;
   const bool slice_path =
       choice == KernelChoice::kAuto && slice_kernels_apply(student, teacher, s, slice_shared_bytes);
   const bool warp_path = !slice_path && choice != KernelChoice::kBlocked &&
@@ -1057,9 +1091,8 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
   const int64_t blocks = s.num_groups * chunks;
   at::Tensor partial =
       chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.group_size}, f32);
-  at::Tensor loss_partial = at::empty({blocks}, student.options().dtype(at::kDouble));
 
-  const ForwardOut out{loss_partial.data_ptr<double>(), agreement.data_ptr<float>(),
+  const ForwardOut out{agreement.data_ptr<float>(),
                        student_stats.data_ptr<float>(), teacher_stats.data_ptr<float>(),
                        partial.data_ptr<float>()};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -1101,9 +1134,13 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
+  at::Tensor block_terms = at::empty({kConsistencyBlocks}, student.options().dtype(at::kDouble));
+  consistency_terms_kernel<<<kConsistencyBlocks, kMaxThreads, 0, stream>>>(
+      agreement.const_data_ptr<float>(), s, block_terms.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const double inv_terms = 1.0 / static_cast<double>(num_pairs(s) * s.batch * s.num_groups);
   finish_consistency_kernel<<<1, kMaxThreads, 0, stream>>>(
-      loss_partial.const_data_ptr<double>(), blocks, inv_terms, consistency.data_ptr<float>());
+      block_terms.const_data_ptr<double>(), inv_terms, consistency.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (chunks > 1) {
@@ -1137,7 +1174,7 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const KernelChoice choice = kernel_choice();
-  // The slice kernels' shared memory: q per warp (the forward's S_g and losses are not needed).
+  // The slice kernels' shared memory: q per warp.
   const int64_t slice_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * kSliceWarps * s.num_teacher * s.group_size;
   const int64_t warp_shared_bytes =
