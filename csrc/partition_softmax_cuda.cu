@@ -642,10 +642,13 @@ struct LaneRow {
     }
   }
 
-  // Element k as fp32, converted exactly as static_cast<float>(X) (little-endian halves).
+  // Element k as fp32, converted exactly as static_cast<float>(X) (little-endian halves; a
+  // bf16 is the top half of its fp32, so one shift or mask converts it).
   __device__ __forceinline__ float get(int k) const {
     if constexpr (std::is_same_v<X, float>) {
       return __uint_as_float(word[k]);
+    } else if constexpr (std::is_same_v<X, c10::BFloat16>) {
+      return __uint_as_float(k % 2 ? word[k / 2] & 0xffff0000u : word[k / 2] << 16);
     } else {
       const uint16_t bits = static_cast<uint16_t>(k % 2 ? word[k / 2] >> 16 : word[k / 2]);
       return static_cast<float>(X(bits, X::from_bits()));
@@ -669,6 +672,21 @@ template <int kElems, typename X>
 constexpr int slice_ring_depth() {
   constexpr int depth = kSliceRingWords / LaneRow<kElems, X>::kWords;
   return depth < 2 ? 2 : (depth > 8 ? 8 : depth);
+}
+
+// A lane's kElems values reduced in a balanced tree: independent operations instead of a
+// chain of kElems dependent ones.
+template <int kElems, typename Op>
+__device__ __forceinline__ float tree_reduce(const float (&v)[kElems], Op op) {
+  float t[kElems / 2];
+#pragma unroll
+  for (int k = 0; k < kElems / 2; ++k) t[k] = op(v[2 * k], v[2 * k + 1]);
+#pragma unroll
+  for (int width = kElems / 4; width > 0; width /= 2) {
+#pragma unroll
+    for (int k = 0; k < width; ++k) t[k] = op(t[2 * k], t[2 * k + 1]);
+  }
+  return t[0];
 }
 
 // Where a warp's walk is: an image and a row of its slice (rows 0..Vt-1 teacher, then students).
@@ -732,22 +750,23 @@ __device__ __forceinline__ void for_each_prefetched(const SliceWalk& walk, Load&
   }
 }
 
-// This warp's teacher probabilities q_j in shared memory, [Vt, kElems / 4, 32] float4s: lane l
-// reads and writes only its own entries (so no barrier orders them), 16 bytes at a time.
+// Rows of kElems values per lane in shared memory, [rows, kElems / 4, 32] float4s, lane l's
+// values of a row at the same places as in its registers: each lane reads and writes only its
+// own entries (so no barrier orders them within a warp), 16 bytes at a time. Holds a warp's
+// teacher probabilities q_j, and the S_g and dL/dS_g rows that would otherwise take registers.
 template <int kElems>
-struct WarpTeacherProbs {
-  static_assert(kElems % 4 == 0, "q is kept as float4s");
-  float4* q;
+struct LaneRows {
+  static_assert(kElems % 4 == 0, "rows are kept as float4s");
+  float4* base;
 
-  __device__ __forceinline__ void put(int j, int lane, const float (&v)[kElems], float scale) const {
+  __device__ __forceinline__ float4& at(int row, int lane, int k) const {
+    return base[(row * (kElems / 4) + k / 4) * kWarpSize + lane];
+  }
+  __device__ __forceinline__ void put(int row, int lane, const float (&v)[kElems], float scale) const {
 #pragma unroll
     for (int k = 0; k < kElems; k += 4) {
-      q[(j * (kElems / 4) + k / 4) * kWarpSize + lane] =
-          make_float4(v[k] * scale, v[k + 1] * scale, v[k + 2] * scale, v[k + 3] * scale);
+      at(row, lane, k) = make_float4(v[k] * scale, v[k + 1] * scale, v[k + 2] * scale, v[k + 3] * scale);
     }
-  }
-  __device__ __forceinline__ float4 get4(int j, int lane, int k) const {
-    return q[(j * (kElems / 4) + k / 4) * kWarpSize + lane];
   }
 };
 
@@ -758,7 +777,8 @@ struct WarpTeacherProbs {
 //   student row i: a_ij = r * sum_c e_c q_jc (warp sum), written by lane 0
 // A NaN logit makes its row's sum, hence r, every p and every a_ij of the row NaN (the max
 // skips NaNs here, unlike the other layouts, but the loss is NaN all the same).
-// At the end S_g is added over the warps in warp order.
+// The warp's running S_g stays in shared memory, not registers, so that more warps fit an SM;
+// at the end the warps' S_g are added in warp order.
 template <int kElems, typename X>
 __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     forward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
@@ -770,8 +790,9 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
   const int num_teacher = static_cast<int>(s.num_teacher);
-  const WarpTeacherProbs<kElems> q{smem4 + warp * num_teacher * (P / 4)};
-  float* total = reinterpret_cast<float*>(smem4 + num_warps * num_teacher * (P / 4));  // [P]
+  const LaneRows<kElems> q{smem4 + warp * num_teacher * (P / 4)};            // [Vt] rows
+  const LaneRows<kElems> totals{smem4 + num_warps * num_teacher * (P / 4)};  // [num_warps]
+  float* total = reinterpret_cast<float*>(smem4 + num_warps * (num_teacher + 1) * (P / 4));  // [P]
 
   const int64_t group = blockIdx.x / chunks;
   const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, num_warps);
@@ -779,9 +800,8 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   const int64_t stride_view = s.batch * width;
   const int64_t stats_stride = s.batch * s.num_groups;
 
-  float row_total[kElems];
 #pragma unroll
-  for (int k = 0; k < kElems; ++k) row_total[k] = 0.0f;
+  for (int k = 0; k < kElems; k += 4) totals.at(warp, lane, k) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 
   auto load = [&](const RowPos& at, Row& slot) {
     const int64_t offset = at.image * width + group * P;
@@ -791,25 +811,26 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   };
   auto use = [&](const RowPos& at, const Row& slot) {
     float e[kElems];
-    float m = -INFINITY;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
-      e[k] = slot.get(k);
-      m = fmaxf(m, e[k]);
-    }
+    for (int k = 0; k < kElems; ++k) e[k] = slot.get(k);
+    float m = tree_reduce(e, [](float a, float b) { return fmaxf(a, b); });
 #pragma unroll
     for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
     }
-    float sum = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) {
-      e[k] = exp_shifted(e[k], m);
-      sum += e[k];
+    for (int k = 0; k < kElems; ++k) e[k] = exp_shifted(e[k], m);
+    const float inv = 1.0f / warp_sum(tree_reduce(e, [](float a, float b) { return a + b; }));
+#pragma unroll
+    for (int k = 0; k < kElems; k += 4) {
+      float4& t = totals.at(warp, lane, k);
+      float4 v = t;
+      v.x = fmaf(e[k], inv, v.x);
+      v.y = fmaf(e[k + 1], inv, v.y);
+      v.z = fmaf(e[k + 2], inv, v.z);
+      v.w = fmaf(e[k + 3], inv, v.w);
+      t = v;
     }
-    const float inv = 1.0f / warp_sum(sum);
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) row_total[k] = fmaf(e[k], inv, row_total[k]);
 
     const bool is_teacher = at.row < num_teacher;
     const int view = is_teacher ? at.row : at.row - num_teacher;
@@ -824,17 +845,20 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
       return;
     }
     for (int j = 0; j < num_teacher; ++j) {
-      float a = 0.0f;
+      // Four partial sums, one per float4 component: four short chains, not one long one.
+      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll
       for (int k = 0; k < kElems; k += 4) {
-        const float4 qv = q.get4(j, lane, k);
-        a = fmaf(e[k], qv.x, a);
-        a = fmaf(e[k + 1], qv.y, a);
-        a = fmaf(e[k + 2], qv.z, a);
-        a = fmaf(e[k + 3], qv.w, a);
+        const float4 qv = q.at(j, lane, k);
+        acc.x = fmaf(e[k], qv.x, acc.x);
+        acc.y = fmaf(e[k + 1], qv.y, acc.y);
+        acc.z = fmaf(e[k + 2], qv.z, acc.z);
+        acc.w = fmaf(e[k + 3], qv.w, acc.w);
       }
-      a = warp_sum(a) * inv;
-      if (lane == 0) out.agreement[((view * num_teacher + j) * s.batch + at.image) * s.num_groups + group] = a;
+      const float a = warp_sum((acc.x + acc.y) + (acc.z + acc.w)) * inv;
+      if (lane == 0) {
+        out.agreement[((view * num_teacher + j) * s.batch + at.image) * s.num_groups + group] = a;
+      }
     }
   };
   for_each_prefetched<slice_ring_depth<kElems, X>(), Row>(walk, load, use);
@@ -843,9 +867,14 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   for (int w = 0; w < num_warps; ++w) {
     if (warp == w) {
 #pragma unroll
-      for (int k = 0; k < kElems; ++k) {
-        const int c = Row::column(lane, k);
-        total[c] = w == 0 ? row_total[k] : total[c] + row_total[k];
+      for (int k = 0; k < kElems; k += 4) {
+        const float4 v = totals.at(warp, lane, k);
+        const float part[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const int c = Row::column(lane, k + u);
+          total[c] = w == 0 ? part[u] : total[c] + part[u];
+        }
       }
     }
     __syncthreads();
@@ -868,7 +897,7 @@ struct BackwardSlot {
 //   teacher rows: q_j = exp(t_j - m_j) r_j -> this warp's shared memory (own entries only)
 //   student rows: w_ij    = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the
 //                           clamp, else 0 (lane j computes it, shuffles hand it round)
-//                 dL/dp_c = dL/dS_gc + sum_j w_ij q_jc   (dL/dS_g: registers, loaded once)
+//                 dL/dp_c = dL/dS_gc + sum_j w_ij q_jc   (dL/dS_g: the block's shared memory)
 //                 s_i     = <p, dL/dp>                   (warp sum)
 //                 dL/dx_c = p_c (dL/dp_c - s_i)          written once, 16 bytes per lane
 template <int kElems, typename X>
@@ -882,18 +911,25 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   constexpr int64_t P = kElems * kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
+  const int num_warps = blockDim.x / kWarpSize;
   const int num_teacher = static_cast<int>(s.num_teacher);
-  const WarpTeacherProbs<kElems> q{smem4 + warp * num_teacher * (P / 4)};
+  const LaneRows<kElems> q{smem4 + warp * num_teacher * (P / 4)};  // [Vt] rows
+  // dL/dS_g, one row for the whole block (its warps share the group), in lane order.
+  const LaneRows<kElems> grad_total{smem4 + num_warps * num_teacher * (P / 4)};
 
   const int64_t group = blockIdx.x / chunks;
-  const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, blockDim.x / kWarpSize);
+  const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, num_warps);
   const int64_t width = s.num_groups * P;
   const int64_t stride_view = s.batch * width;
   const int64_t stats_stride = s.batch * s.num_groups;
 
-  float grad_total[kElems];
-#pragma unroll
-  for (int k = 0; k < kElems; ++k) grad_total[k] = in.grad_prob_sum[group * P + Row::column(lane, k)];
+  for (int e = threadIdx.x; e < P / 4; e += blockDim.x) {
+    const int l = e % kWarpSize, k = 4 * (e / kWarpSize);
+    const float* g = in.grad_prob_sum + group * P;
+    grad_total.at(0, l, k) = make_float4(g[Row::column(l, k)], g[Row::column(l, k + 1)],
+                                         g[Row::column(l, k + 2)], g[Row::column(l, k + 3)]);
+  }
+  __syncthreads();
   const float grad_per_term = *in.grad_consistency * in.inv_terms;
 
   auto load = [&](const RowPos& at, Slot& slot) {
@@ -924,22 +960,25 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     const float lane_weight = pair_weight(slot.agreement, i == lane, grad_per_term);
     float d[kElems];
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) d[k] = grad_total[k];
+    for (int k = 0; k < kElems; k += 4) {
+      const float4 g = grad_total.at(0, lane, k);
+      d[k] = g.x, d[k + 1] = g.y, d[k + 2] = g.z, d[k + 3] = g.w;
+    }
     for (int j = 0; j < num_teacher; ++j) {
       const float w = __shfl_sync(0xffffffffu, lane_weight, j);
 #pragma unroll
       for (int k = 0; k < kElems; k += 4) {
-        const float4 qv = q.get4(j, lane, k);
+        const float4 qv = q.at(j, lane, k);
         d[k] += w * qv.x;
         d[k + 1] += w * qv.y;
         d[k + 2] += w * qv.z;
         d[k + 3] += w * qv.w;
       }
     }
-    float dot = 0.0f;
+    float pd[kElems];
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) dot += p[k] * d[k];
-    dot = warp_sum(dot);
+    for (int k = 0; k < kElems; ++k) pd[k] = p[k] * d[k];
+    const float dot = warp_sum(tree_reduce(pd, [](float a, float b) { return a + b; }));
 #pragma unroll
     for (int k = 0; k < kElems; ++k) d[k] = p[k] * (d[k] - dot);
     Row grad;
@@ -1008,7 +1047,7 @@ bool aligned16(const at::Tensor& t) {
 
 // The slice kernels need one dtype for both logits (a lane's pieces line up with the
 // teacher's), 16-byte aligned rows, lane j for a_ij (Vt <= 32) and their shared memory
-// (q per warp; the forward's S_g) within the default 48 KiB.
+// (q and S_g per warp, a row of the block) within the default 48 KiB.
 bool slice_kernels_apply(const at::Tensor& student, const at::Tensor& teacher, const LossShape& s,
                          int64_t shared_bytes) {
   return student.scalar_type() == teacher.scalar_type() && aligned16(student) &&
@@ -1068,9 +1107,9 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
 
   const KernelChoice choice = kernel_choice();
   const int64_t rows = s.num_student + s.num_teacher;
-  // The slice kernels' shared memory: q per warp, S_g of the block.
-  const int64_t slice_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size;
+  // The slice kernels' shared memory: q and S_g per warp, S_g of the block.
+  const int64_t slice_shared_bytes = static_cast<int64_t>(sizeof(float)) *
+                                     (kSliceWarps * (s.num_teacher + 1) + 1) * s.group_size;
   // The warp kernels' shared memory: q double-buffered, S_g of the block.
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size;
@@ -1174,9 +1213,9 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const KernelChoice choice = kernel_choice();
-  // The slice kernels' shared memory: q per warp.
+  // The slice kernels' shared memory: q per warp, dL/dS_g of the block.
   const int64_t slice_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * kSliceWarps * s.num_teacher * s.group_size;
+      static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size;
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.group_size;
   const bool slice_path = choice == KernelChoice::kAuto && aligned16(grad_student) &&
