@@ -20,10 +20,15 @@
 // written by one thread only, and per-row scalars go through block reductions. Rows are
 // re-read for each pass (max, sum, probabilities); the repeats mostly hit L1/L2.
 //
+// Every layout writes the same forward outputs; the consistency is then computed from the
+// agreements by two small kernels common to all (its logs in double precision, once per
+// pair, outside the loops that stream the logits).
+//
 // Determinism: every reduction has a fixed shape (warp butterfly, then warps or rows added
 // in a fixed order by one thread), and S_g is accumulated per chunk of images then summed
 // over chunks in chunk order by a second small kernel. No atomics anywhere, and the
-// chunking depends on the shapes only, so two runs on the same GPU agree bit for bit.
+// chunking depends on the shapes and CARP_FAST_CUDA_SLICE_IMAGES only, so two runs on the
+// same GPU agree bit for bit.
 //
 // Traffic: the forward reads each logit once from DRAM, the backward reads the logits once
 // and writes the student gradient once. Nothing of the logits' size is allocated besides
