@@ -14,6 +14,7 @@
 #   BATCHES=256 bash tools/gpu_check.sh     # per-GPU batch sizes to try, largest first
 #   TESTS_K=knn LOSS_IMPLS=published,fused bash tools/gpu_check.sh   # a shorter rerun
 #   CARP_FAST_COMMIT=<sha> ...              # the commit to record where .git did not travel
+#       # (give the sha itself: $(git rev-parse HEAD) run on such a machine reads its stale .git)
 #   PROFILE=0 SLICE_IMAGES=1,2,4,8 NCU=1 TESTS_K=fused bash tools/gpu_check.sh
 #       # the loss kernels only: no step profile, the slice kernels' images per warp swept,
 #       # and Nsight Compute's view of one forward and one backward launch (ncu.txt)
