@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from carp_fast import fused_loss
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
@@ -90,6 +92,10 @@ def tiny_config(tiny_dataset, tmp_path):
 
     return make
 
+
+needs_extension = pytest.mark.skipif(
+    not fused_loss.is_available(), reason=f"fused loss not built: {fused_loss.unavailable_reason()}"
+)
 
 needs_ffcv = pytest.mark.skipif(
     importlib.util.find_spec("ffcv") is None,

@@ -6,13 +6,9 @@ import os
 import pytest
 import torch
 
-from carp_fast import fused_loss
-from conftest import load_tool
+from conftest import load_tool, needs_extension
 
 bench_loss = load_tool("bench_loss")
-needs_extension = pytest.mark.skipif(
-    not fused_loss.is_available(), reason=f"fused loss not built: {fused_loss.unavailable_reason()}"
-)
 
 TINY = ["--dtype", "fp32", "--views-student", "3", "--views-teacher", "2", "--batch", "3",
         "--prototypes", "384", "--group", "96", "--reps", "2", "--warmup", "1", "--threads", "1"]

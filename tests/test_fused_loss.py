@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import needs_extension
 from spawn import run_ranks
 
 from carp_fast import fused_loss
 from carp_fast.loss import EPS, carp_loss
 
-needs_extension = pytest.mark.skipif(
-    not fused_loss.is_available(), reason=f"fused loss not built: {fused_loss.unavailable_reason()}"
-)
 
 # (Vs, Vt, B, G, P): odd batch; group sizes below, at and across the vector and unrolled
 # block widths of both CPU kernel builds (7, 24, 100); G = 1 and G > 1; Vs > Vt, Vs = Vt and
