@@ -114,6 +114,9 @@ setup(
             "ffcv>=1.0; platform_system == 'Linux'",
             "numba>=0.57; platform_system == 'Linux'",
             "timm",
+            # tests/test_slice_kernels_emulated.py builds the CPU emulation of the CUDA kernels
+            # with torch.utils.cpp_extension.load, which needs ninja.
+            "ninja",
         ],
         "ffcv": ["ffcv>=1.0", "numba>=0.57", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda120"],

@@ -3,12 +3,12 @@
 // Three layouts of the same maths, tried in this order (CARP_FAST_CUDA_KERNELS=warp or
 // =blocked starts further down, to compare them):
 //
-// Slice-per-warp ("slice" kernels, the fast path: P = 128, 256, 512 or 1024, student and
-// teacher of one dtype, 16-byte aligned): one warp walks whole (image, group) slices, row
-// after row (teacher rows first), lane l holding its columns of the row in registers. The
-// next rows' 16-byte loads are issued before the current row is used, so every warp keeps
-// memory busy while it computes, and no warp ever waits for another inside the loop. Each
-// logit is read from DRAM once and goes through one exp.
+// Slice-per-warp ("slice" kernels in slice_kernels.cuh, the fast path: P = 128, 256, 512 or
+// 1024, student and teacher of one dtype, 16-byte aligned): one warp walks whole (image,
+// group) slices, row after row (teacher rows first), lane l holding its columns of the row in
+// registers. The next rows' 16-byte loads are issued before the current row is used, so every
+// warp keeps memory busy while it computes, and no warp ever waits for another inside the
+// loop. Each logit is read from DRAM once and goes through one exp.
 //
 // Row-per-warp ("warp" kernels, P = 128 ... 1024 and at most 16 views): one warp owns one
 // view's row of a (image, group) slice, lane l holding columns l, l + 32, ... in registers;
@@ -50,11 +50,11 @@
 #include <type_traits>
 
 #include "partition_softmax.h"
+#include "slice_kernels.cuh"
 
 namespace carp_fast {
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr int kMaxThreads = 256;
 // Columns per thread aimed at before growing the block: enough independent loads in
 // flight per thread without idling most of a block on small groups.
@@ -66,28 +66,15 @@ constexpr int kTeacherChunk = 4;
 // With few groups the batch is cut into chunks to get there (at the price of a [chunks, G, P]
 // partial sum). A constant, so the summation order depends on the shapes only.
 constexpr int64_t kTargetForwardBlocks = 2048;
-constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kDefaultSharedBytes = 48 * 1024;
 
 // A NaN in a row must make that row's max NaN (as in torch.softmax), so that the loss is
 // NaN rather than silently ignoring the entry: fmaxf would drop it.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-// exp(x - m) for a softmax. exp2 is one MUFU instruction; the argument's rounding costs
-// about |x - m| * 1e-7 relative, far below the tolerances the tests hold the loss to.
-__device__ __forceinline__ float exp_shifted(float x, float m) { return exp2f((x - m) * kLog2e); }
-
 // clamp(a, eps, 1 - eps) that lets a NaN through, as torch.clamp does (fmaxf would not).
 __device__ __forceinline__ float clamp_agreement(float a) {
   return a < kAgreementMin ? kAgreementMin : (a > kAgreementMax ? kAgreementMax : a);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  }
-  return v;
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -123,15 +110,6 @@ struct SliceRows {
                ? static_cast<float>(teacher[r * stride_view + offset + c])
                : static_cast<float>(student[(r - num_teacher) * stride_view + offset + c]);
   }
-};
-
-// What a forward kernel writes; the consistency is then computed from the agreements alone
-// (consistency_terms_kernel), the same way for every layout.
-struct ForwardOut {
-  float* __restrict__ agreement;      // [Vs, Vt, B, G]
-  float* __restrict__ student_stats;  // [Vs, B, G, 2]
-  float* __restrict__ teacher_stats;  // [Vt, B, G, 2]
-  float* __restrict__ partial;        // [chunks, G, P]
 };
 
 // Forward for one (group, chunk of images). Per image b, over its R = Vt + Vs rows:
@@ -294,23 +272,6 @@ __global__ void sum_chunks_kernel(const float* __restrict__ partial, int64_t chu
     for (int64_t k = 1; k < chunks; ++k) acc += partial[k * n + e];
     prob_sum[e] = acc;
   }
-}
-
-struct BackwardIn {
-  const float* __restrict__ grad_consistency;  // []
-  float inv_terms;                             // 1 / N
-  const float* __restrict__ agreement;         // [Vs, Vt, B, G]
-  const float* __restrict__ grad_prob_sum;     // [G, P]
-  const float* __restrict__ student_stats;
-  const float* __restrict__ teacher_stats;
-};
-
-// The consistency weight of pair (i, j) in the backward, from its agreement a_ij:
-//   w_ij = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the clamp, else 0
-// torch's clamp passes the gradient on the closed interval [eps, 1 - eps], so do we.
-__device__ __forceinline__ float pair_weight(float a, bool same_view, float grad_per_term) {
-  const bool inside = a >= kAgreementMin && a <= kAgreementMax;
-  return (!same_view && inside) ? -grad_per_term / a : 0.0f;
 }
 
 // q_j = exp(t_j - m_j) r_j of one (b, g) slice into shared memory q [Vt, P], from the saved
@@ -585,427 +546,6 @@ __global__ void __launch_bounds__(kWarpKernelMaxRows* kWarpSize)
   }
 }
 
-// ---- Slice-per-warp kernels -------------------------------------------------------------
-
-// A warp of these kernels owns whole (image, group) slices: it walks the Vt + Vs rows of one
-// image's slice (teacher rows first), then the next image's, keeping the next rows' loads in
-// flight while it computes on the current one. No warp waits for another until the very end
-// (the forward's S_g, added in warp order), and each lane's loads are 16 bytes wide.
-// Used when student and teacher share a dtype, P is 128, 256, 512 or 1024, and the pointers
-// are 16-byte aligned; the warp and blocked kernels above take every other case.
-constexpr int kSliceWarps = 4;  // warps per block; they share one group g
-// 32-bit words per lane of rows in flight (a ring of 2 to 8 rows): 128 bytes per lane, 4 KiB
-// per warp, so that the 16 or so warps an SM holds keep enough bytes in flight to cover the
-// DRAM latency (bandwidth x latency is about 25 KiB per SM on an H100 or H200).
-constexpr int kSliceRingWords = 32;
-// Images a warp walks by default (CARP_FAST_CUDA_SLICE_IMAGES overrides, for tuning): fewer
-// means more, shorter warps (a smaller tail at the end of the grid) but more [chunks, G, P]
-// partial sums in the forward.
-constexpr int64_t kSliceImagesPerWarp = 4;
-
-// One lane's kElems values of a row, as loaded: 32-bit words holding pieces of kPiece
-// consecutive columns, piece t of lane l at columns (t * 32 + l) * kPiece ... + kPiece - 1,
-// so that each load instruction of the warp reads 32 * kPiece consecutive elements.
-template <int kElems, typename X>
-struct LaneRow {
-  static constexpr int kPiece = static_cast<int>(16 / sizeof(X)) < kElems
-                                    ? static_cast<int>(16 / sizeof(X))
-                                    : kElems;
-  static constexpr int kPieceWords = kPiece * static_cast<int>(sizeof(X)) / 4;  // 2 or 4
-  static constexpr int kWords = kElems * static_cast<int>(sizeof(X)) / 4;
-  static_assert(kElems % kPiece == 0 && (kPieceWords == 2 || kPieceWords == 4), "piece layout");
-  uint32_t word[kWords];
-
-  __device__ __forceinline__ static int column(int lane, int k) {
-    return ((k / kPiece) * kWarpSize + lane) * kPiece + k % kPiece;
-  }
-
-  __device__ __forceinline__ void load(const X* __restrict__ row, int lane) {
-#pragma unroll
-    for (int t = 0; t < kWords / kPieceWords; ++t) {
-      const X* src = row + (t * kWarpSize + lane) * kPiece;
-      if constexpr (kPieceWords == 4) {
-        const uint4 v = *reinterpret_cast<const uint4*>(src);
-        word[4 * t] = v.x, word[4 * t + 1] = v.y, word[4 * t + 2] = v.z, word[4 * t + 3] = v.w;
-      } else {
-        const uint2 v = *reinterpret_cast<const uint2*>(src);
-        word[2 * t] = v.x, word[2 * t + 1] = v.y;
-      }
-    }
-  }
-
-  __device__ __forceinline__ void store(X* __restrict__ row, int lane) const {
-#pragma unroll
-    for (int t = 0; t < kWords / kPieceWords; ++t) {
-      X* dst = row + (t * kWarpSize + lane) * kPiece;
-      if constexpr (kPieceWords == 4) {
-        *reinterpret_cast<uint4*>(dst) =
-            make_uint4(word[4 * t], word[4 * t + 1], word[4 * t + 2], word[4 * t + 3]);
-      } else {
-        *reinterpret_cast<uint2*>(dst) = make_uint2(word[2 * t], word[2 * t + 1]);
-      }
-    }
-  }
-
-  // Element k as fp32, converted exactly as static_cast<float>(X) (little-endian halves; a
-  // bf16 is the top half of its fp32, so one shift or mask converts it).
-  __device__ __forceinline__ float get(int k) const {
-    if constexpr (std::is_same_v<X, float>) {
-      return __uint_as_float(word[k]);
-    } else if constexpr (std::is_same_v<X, c10::BFloat16>) {
-      return __uint_as_float(k % 2 ? word[k / 2] & 0xffff0000u : word[k / 2] << 16);
-    } else {
-      const uint16_t bits = static_cast<uint16_t>(k % 2 ? word[k / 2] >> 16 : word[k / 2]);
-      return static_cast<float>(X(bits, X::from_bits()));
-    }
-  }
-
-  // Elements k from fp32, rounded exactly as static_cast<X>(float).
-  __device__ __forceinline__ void set_all(const float (&v)[kElems]) {
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) {
-      if constexpr (std::is_same_v<X, float>) {
-        word[k] = __float_as_uint(v[k]);
-      } else if (k % 2 == 1) {
-        word[k / 2] = static_cast<uint32_t>(X(v[k - 1]).x) | (static_cast<uint32_t>(X(v[k]).x) << 16);
-      }
-    }
-  }
-};
-
-template <int kElems, typename X>
-constexpr int slice_ring_depth() {
-  constexpr int depth = kSliceRingWords / LaneRow<kElems, X>::kWords;
-  return depth < 2 ? 2 : (depth > 8 ? 8 : depth);
-}
-
-// A lane's kElems values reduced in a balanced tree: independent operations instead of a
-// chain of kElems dependent ones.
-template <int kElems, typename Op>
-__device__ __forceinline__ float tree_reduce(const float (&v)[kElems], Op op) {
-  float t[kElems / 2];
-#pragma unroll
-  for (int k = 0; k < kElems / 2; ++k) t[k] = op(v[2 * k], v[2 * k + 1]);
-#pragma unroll
-  for (int width = kElems / 4; width > 0; width /= 2) {
-#pragma unroll
-    for (int k = 0; k < width; ++k) t[k] = op(t[2 * k], t[2 * k + 1]);
-  }
-  return t[0];
-}
-
-// Where a warp's walk is: an image and a row of its slice (rows 0..Vt-1 teacher, then students).
-struct RowPos {
-  int64_t image;
-  int row;
-};
-
-// The rows one warp walks: images first, first + step, ... (count of them) of one group, and
-// in each the Vt teacher rows, then the Vs student rows.
-struct SliceWalk {
-  int64_t first;
-  int step, count, rows;
-
-  __device__ __forceinline__ SliceWalk(const LossShape& s, int64_t chunk, int64_t batch_per_chunk,
-                                       int warp, int num_warps) {
-    const int64_t begin = chunk * batch_per_chunk + warp;
-    const int64_t end = min(s.batch, (chunk + 1) * batch_per_chunk);
-    first = begin;
-    step = num_warps;
-    count = begin < end ? static_cast<int>((end - begin + num_warps - 1) / num_warps) : 0;
-    rows = static_cast<int>(s.num_teacher + s.num_student);
-  }
-  __device__ __forceinline__ void advance(RowPos& pos) const {
-    if (++pos.row == rows) {
-      pos.row = 0;
-      pos.image += step;
-    }
-  }
-};
-
-// Calls use(pos, slot) for every row of the walk in order, where load(pos, slot) filled the
-// slot: the loads of the next kDepth rows are in flight while use runs. The ring is unrolled
-// so that every slot stays in registers.
-template <int kDepth, typename Slot, typename Load, typename Use>
-__device__ __forceinline__ void for_each_prefetched(const SliceWalk& walk, Load&& load, Use&& use) {
-  const int n = walk.count * walk.rows;
-  Slot ring[kDepth];
-  RowPos ahead{walk.first, 0};  // the next row to load
-#pragma unroll
-  for (int k = 0; k < kDepth; ++k) {
-    if (k < n) {
-      load(ahead, ring[k]);
-      walk.advance(ahead);
-    }
-  }
-  RowPos at{walk.first, 0};
-  for (int base = 0; base < n; base += kDepth) {
-#pragma unroll
-    for (int k = 0; k < kDepth; ++k) {
-      if (base + k < n) {
-        const Slot current = ring[k];
-        if (base + k + kDepth < n) {
-          load(ahead, ring[k]);
-          walk.advance(ahead);
-        }
-        use(at, current);
-        walk.advance(at);
-      }
-    }
-  }
-}
-
-// Rows of kElems values per lane in shared memory, [rows, kElems / 4, 32] float4s, lane l's
-// values of a row at the same places as in its registers: each lane reads and writes only its
-// own entries (so no barrier orders them within a warp), 16 bytes at a time. Holds a warp's
-// teacher probabilities q_j, and the S_g and dL/dS_g rows that would otherwise take registers.
-template <int kElems>
-struct LaneRows {
-  static_assert(kElems % 4 == 0, "rows are kept as float4s");
-  float4* base;
-
-  __device__ __forceinline__ float4& at(int row, int lane, int k) const {
-    return base[(row * (kElems / 4) + k / 4) * kWarpSize + lane];
-  }
-  __device__ __forceinline__ void put(int row, int lane, const float (&v)[kElems], float scale) const {
-#pragma unroll
-    for (int k = 0; k < kElems; k += 4) {
-      at(row, lane, k) = make_float4(v[k] * scale, v[k + 1] * scale, v[k + 2] * scale, v[k + 3] * scale);
-    }
-  }
-};
-
-// Forward for one (group, chunk of images), each warp walking its images' slices (SliceWalk).
-// Per row, with e_c = exp(x_c - m) kept unnormalised:
-//   m = max_c x_c;  r = 1 / sum_c e_c;  lane 0 writes (m, r);  S_gc += e_c r
-//   teacher row j: q_jc = e_c r -> this warp's shared memory
-//   student row i: a_ij = r * sum_c e_c q_jc (warp sum), written by lane 0
-// A NaN logit makes its row's sum, hence r, every p and every a_ij of the row NaN (the max
-// skips NaNs here, unlike the other layouts, but the loss is NaN all the same).
-// The warp's running S_g stays in shared memory, not registers, so that more warps fit an SM;
-// at the end the warps' S_g are added in warp order.
-template <int kElems, typename X>
-__global__ void __launch_bounds__(kSliceWarps* kWarpSize)
-    forward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
-                         LossShape s, int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
-  using Row = LaneRow<kElems, X>;
-  extern __shared__ float4 smem4[];
-  constexpr int64_t P = kElems * kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = blockDim.x / kWarpSize;
-  const int num_teacher = static_cast<int>(s.num_teacher);
-  const LaneRows<kElems> q{smem4 + warp * num_teacher * (P / 4)};            // [Vt] rows
-  const LaneRows<kElems> totals{smem4 + num_warps * num_teacher * (P / 4)};  // [num_warps]
-  float* total = reinterpret_cast<float*>(smem4 + num_warps * (num_teacher + 1) * (P / 4));  // [P]
-
-  const int64_t group = blockIdx.x / chunks;
-  const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, num_warps);
-  const int64_t width = s.num_groups * P;
-  const int64_t stride_view = s.batch * width;
-  const int64_t stats_stride = s.batch * s.num_groups;
-
-#pragma unroll
-  for (int k = 0; k < kElems; k += 4) totals.at(warp, lane, k) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-
-  auto load = [&](const RowPos& at, Row& slot) {
-    const int64_t offset = at.image * width + group * P;
-    slot.load(at.row < num_teacher ? teacher + at.row * stride_view + offset
-                                   : student + (at.row - num_teacher) * stride_view + offset,
-              lane);
-  };
-  auto use = [&](const RowPos& at, const Row& slot) {
-    float e[kElems];
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) e[k] = slot.get(k);
-    float m = tree_reduce(e, [](float a, float b) { return fmaxf(a, b); });
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-    }
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) e[k] = exp_shifted(e[k], m);
-    const float inv = 1.0f / warp_sum(tree_reduce(e, [](float a, float b) { return a + b; }));
-#pragma unroll
-    for (int k = 0; k < kElems; k += 4) {
-      float4& t = totals.at(warp, lane, k);
-      float4 v = t;
-      v.x = fmaf(e[k], inv, v.x);
-      v.y = fmaf(e[k + 1], inv, v.y);
-      v.z = fmaf(e[k + 2], inv, v.z);
-      v.w = fmaf(e[k + 3], inv, v.w);
-      t = v;
-    }
-
-    const bool is_teacher = at.row < num_teacher;
-    const int view = is_teacher ? at.row : at.row - num_teacher;
-    const int64_t slice = at.image * s.num_groups + group;
-    if (lane == 0) {
-      float* stats = (is_teacher ? out.teacher_stats : out.student_stats) +
-                     (view * stats_stride + slice) * 2;
-      *reinterpret_cast<float2*>(stats) = make_float2(m, inv);
-    }
-    if (is_teacher) {
-      q.put(view, lane, e, inv);
-      return;
-    }
-    for (int j = 0; j < num_teacher; ++j) {
-      // Four partial sums, one per float4 component: four short chains, not one long one.
-      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll
-      for (int k = 0; k < kElems; k += 4) {
-        const float4 qv = q.at(j, lane, k);
-        acc.x = fmaf(e[k], qv.x, acc.x);
-        acc.y = fmaf(e[k + 1], qv.y, acc.y);
-        acc.z = fmaf(e[k + 2], qv.z, acc.z);
-        acc.w = fmaf(e[k + 3], qv.w, acc.w);
-      }
-      const float a = warp_sum((acc.x + acc.y) + (acc.z + acc.w)) * inv;
-      if (lane == 0) {
-        out.agreement[((view * num_teacher + j) * s.batch + at.image) * s.num_groups + group] = a;
-      }
-    }
-  };
-  for_each_prefetched<slice_ring_depth<kElems, X>(), Row>(walk, load, use);
-
-  // S_g of the chunk: the warps' sums added in warp order (warp 0 writes, the others add).
-  for (int w = 0; w < num_warps; ++w) {
-    if (warp == w) {
-#pragma unroll
-      for (int k = 0; k < kElems; k += 4) {
-        const float4 v = totals.at(warp, lane, k);
-        const float part[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-        for (int u = 0; u < 4; ++u) {
-          const int c = Row::column(lane, k + u);
-          total[c] = w == 0 ? part[u] : total[c] + part[u];
-        }
-      }
-    }
-    __syncthreads();
-  }
-  float* partial = out.partial + ((blockIdx.x % chunks) * s.num_groups + group) * P;
-  for (int64_t c = threadIdx.x; c < P; c += blockDim.x) partial[c] = total[c];
-}
-
-// A prefetched row of the backward: its logits, its saved (m, r) and, for a student row i,
-// lane j's a_ij (j < Vt).
-template <int kElems, typename X>
-struct BackwardSlot {
-  LaneRow<kElems, X> logits;
-  float2 stats;
-  float agreement;
-};
-
-// Backward for one (group, chunk of images), each warp walking its images' slices (SliceWalk)
-// with p and q recomputed from the saved (m, r) as in every layout:
-//   teacher rows: q_j = exp(t_j - m_j) r_j -> this warp's shared memory (own entries only)
-//   student rows: w_ij    = -(dL/dconsistency / N) / a_ij  if i != j and a_ij is inside the
-//                           clamp, else 0 (lane j computes it, shuffles hand it round)
-//                 dL/dp_c = dL/dS_gc + sum_j w_ij q_jc   (dL/dS_g: the block's shared memory)
-//                 s_i     = <p, dL/dp>                   (warp sum)
-//                 dL/dx_c = p_c (dL/dp_c - s_i)          written once, 16 bytes per lane
-template <int kElems, typename X>
-__global__ void __launch_bounds__(kSliceWarps* kWarpSize)
-    backward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
-                          LossShape s, int64_t chunks, int64_t batch_per_chunk, BackwardIn in,
-                          X* __restrict__ grad_student) {
-  using Row = LaneRow<kElems, X>;
-  using Slot = BackwardSlot<kElems, X>;
-  extern __shared__ float4 smem4[];
-  constexpr int64_t P = kElems * kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const int num_warps = blockDim.x / kWarpSize;
-  const int num_teacher = static_cast<int>(s.num_teacher);
-  const LaneRows<kElems> q{smem4 + warp * num_teacher * (P / 4)};  // [Vt] rows
-  // dL/dS_g, one row for the whole block (its warps share the group), in lane order.
-  const LaneRows<kElems> grad_total{smem4 + num_warps * num_teacher * (P / 4)};
-
-  const int64_t group = blockIdx.x / chunks;
-  const SliceWalk walk(s, blockIdx.x % chunks, batch_per_chunk, warp, num_warps);
-  const int64_t width = s.num_groups * P;
-  const int64_t stride_view = s.batch * width;
-  const int64_t stats_stride = s.batch * s.num_groups;
-
-  for (int e = threadIdx.x; e < P / 4; e += blockDim.x) {
-    const int l = e % kWarpSize, k = 4 * (e / kWarpSize);
-    const float* g = in.grad_prob_sum + group * P;
-    grad_total.at(0, l, k) = make_float4(g[Row::column(l, k)], g[Row::column(l, k + 1)],
-                                         g[Row::column(l, k + 2)], g[Row::column(l, k + 3)]);
-  }
-  __syncthreads();
-  const float grad_per_term = *in.grad_consistency * in.inv_terms;
-
-  auto load = [&](const RowPos& at, Slot& slot) {
-    const int64_t slice = at.image * s.num_groups + group;
-    const int64_t offset = at.image * width + group * P;
-    if (at.row < num_teacher) {
-      slot.logits.load(teacher + at.row * stride_view + offset, lane);
-      slot.stats = *reinterpret_cast<const float2*>(in.teacher_stats + (at.row * stats_stride + slice) * 2);
-      slot.agreement = 0.0f;
-    } else {
-      const int i = at.row - num_teacher;
-      slot.logits.load(student + i * stride_view + offset, lane);
-      slot.stats = *reinterpret_cast<const float2*>(in.student_stats + (i * stats_stride + slice) * 2);
-      slot.agreement = lane < num_teacher
-                           ? in.agreement[((i * num_teacher + lane) * s.batch + at.image) * s.num_groups + group]
-                           : 0.0f;
-    }
-  };
-  auto use = [&](const RowPos& at, const Slot& slot) {
-    float p[kElems];
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) p[k] = exp_shifted(slot.logits.get(k), slot.stats.x) * slot.stats.y;
-    if (at.row < num_teacher) {
-      q.put(at.row, lane, p, 1.0f);
-      return;
-    }
-    const int i = at.row - num_teacher;
-    const float lane_weight = pair_weight(slot.agreement, i == lane, grad_per_term);
-    float d[kElems];
-#pragma unroll
-    for (int k = 0; k < kElems; k += 4) {
-      const float4 g = grad_total.at(0, lane, k);
-      d[k] = g.x, d[k + 1] = g.y, d[k + 2] = g.z, d[k + 3] = g.w;
-    }
-    for (int j = 0; j < num_teacher; ++j) {
-      const float w = __shfl_sync(0xffffffffu, lane_weight, j);
-#pragma unroll
-      for (int k = 0; k < kElems; k += 4) {
-        const float4 qv = q.at(j, lane, k);
-        d[k] += w * qv.x;
-        d[k + 1] += w * qv.y;
-        d[k + 2] += w * qv.z;
-        d[k + 3] += w * qv.w;
-      }
-    }
-    float pd[kElems];
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) pd[k] = p[k] * d[k];
-    const float dot = warp_sum(tree_reduce(pd, [](float a, float b) { return a + b; }));
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) d[k] = p[k] * (d[k] - dot);
-    Row grad;
-    grad.set_all(d);
-    grad.store(grad_student + i * stride_view + at.image * width + group * P, lane);
-  };
-  for_each_prefetched<slice_ring_depth<kElems, X>(), Slot>(walk, load, use);
-}
-
-// Calls f(std::integral_constant<int, P / 32>{}) for the group sizes the warp kernels are
-// built for; false (and no call) for the others.
-template <typename F>
-bool with_warp_elems(int64_t group_size, F&& f) {
-  switch (group_size) {
-    case 128: f(std::integral_constant<int, 4>{}); return true;
-    case 256: f(std::integral_constant<int, 8>{}); return true;
-    case 512: f(std::integral_constant<int, 16>{}); return true;
-    case 1024: f(std::integral_constant<int, 32>{}); return true;
-    default: return false;
-  }
-}
-
 // Which kernels a call may use, from CARP_FAST_CUDA_KERNELS (read per call, so that a
 // benchmark or a test can compare them in one process): "auto" (or unset, or "slice") tries
 // the slice kernels, then the warp kernels, then the blocked ones; "warp" starts at the warp
@@ -1024,35 +564,13 @@ KernelChoice kernel_choice() {
   return KernelChoice::kBlocked;
 }
 
-// Images per warp of the slice kernels: kSliceImagesPerWarp, or CARP_FAST_CUDA_SLICE_IMAGES
-// (for tuning), fewer where the grid would otherwise hold too few warps to fill a GPU.
-constexpr int64_t kTargetSliceWarps = 4096;
-
-struct SliceGrid {
-  int64_t chunks, batch_per_chunk;
-};
-
-SliceGrid slice_grid(const LossShape& s) {
-  int64_t per_warp = kSliceImagesPerWarp;
-  if (const char* text = std::getenv("CARP_FAST_CUDA_SLICE_IMAGES"); text != nullptr && *text) {
-    char* end = nullptr;
-    per_warp = std::strtoll(text, &end, 10);
-    TORCH_CHECK(*end == '\0' && per_warp >= 1,
-                "CARP_FAST_CUDA_SLICE_IMAGES must be a positive integer, got '", text, "'");
-  }
-  per_warp = std::clamp<int64_t>(s.num_groups * s.batch / kTargetSliceWarps, 1, per_warp);
-  const int64_t per_block = kSliceWarps * per_warp;
-  const int64_t chunks = (s.batch + per_block - 1) / per_block;
-  return {chunks, (s.batch + chunks - 1) / chunks};
-}
-
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
 }
 
 // The slice kernels need one dtype for both logits (a lane's pieces line up with the
 // teacher's), 16-byte aligned rows, lane j for a_ij (Vt <= 32) and their shared memory
-// (q and S_g per warp, a row of the block) within the default 48 KiB.
+// (q, S_g and a stash per warp, a row of the block) within the default 48 KiB.
 bool slice_kernels_apply(const at::Tensor& student, const at::Tensor& teacher, const LossShape& s,
                          int64_t shared_bytes) {
   return student.scalar_type() == teacher.scalar_type() && aligned16(student) &&
@@ -1112,9 +630,7 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
 
   const KernelChoice choice = kernel_choice();
   const int64_t rows = s.num_student + s.num_teacher;
-  // The slice kernels' shared memory: q and S_g per warp, S_g of the block.
-  const int64_t slice_shared_bytes = static_cast<int64_t>(sizeof(float)) *
-                                     (kSliceWarps * (s.num_teacher + 1) + 1) * s.group_size;
+  const int64_t slice_shared_bytes = slice_forward_shared_bytes(s);
   // The warp kernels' shared memory: q double-buffered, S_g of the block.
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size;
@@ -1208,19 +724,12 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty_like(student);
 
-  const BackwardIn in{
-      grad_consistency.const_data_ptr<float>(),
-      static_cast<float>(1.0 / static_cast<double>(num_pairs(s) * s.batch * s.num_groups)),
-      agreement.const_data_ptr<float>(),
-      grad_prob_sum.const_data_ptr<float>(),
-      student_stats.const_data_ptr<float>(),
-      teacher_stats.const_data_ptr<float>()};
+  const BackwardIn in =
+      make_backward_in(s, grad_consistency, grad_prob_sum, agreement, student_stats, teacher_stats);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   const KernelChoice choice = kernel_choice();
-  // The slice kernels' shared memory: q per warp, dL/dS_g of the block.
-  const int64_t slice_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size;
+  const int64_t slice_shared_bytes = slice_backward_shared_bytes(s);
   const int64_t warp_shared_bytes =
       static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.group_size;
   const bool slice_path = choice == KernelChoice::kAuto && aligned16(grad_student) &&
