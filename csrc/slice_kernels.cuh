@@ -456,7 +456,7 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     }
 
     if (at.row == w.walk.rows - 1) {  // the image's last row: its stash goes out
-      __syncwarp();
+      __syncwarp();  // every lane reads what lanes 0 and 16 put in the stash
       // Not unrolled: once per image, and unrolled copies would only hold more registers.
 #pragma unroll 1
       for (int r = lane; r < w.walk.rows; r += kWarpSize) {

@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-
 from conftest import load_tool
 
 kernel_report = load_tool("kernel_report")
@@ -39,8 +38,13 @@ SASS = """\
 
 def test_parse_ptxas_reads_each_kernels_registers_stack_and_spills():
     kernels = kernel_report.parse_ptxas(PTXAS)
-    assert kernels["_Z3twoPf"] == {"arch": "sm_90", "stack_bytes": 8, "spill_store_bytes": 16,
-                                   "spill_load_bytes": 12, "registers": 96}
+    assert kernels["_Z3twoPf"] == {
+        "arch": "sm_90",
+        "stack_bytes": 8,
+        "spill_store_bytes": 16,
+        "spill_load_bytes": 12,
+        "registers": 96,
+    }
     assert kernels["_Z3onePf"]["registers"] == 12
     assert kernels["_Z3onePf"]["spill_store_bytes"] == 0
 

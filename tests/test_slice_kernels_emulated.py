@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils import cpp_extension
-
 from conftest import needs_extension
+from torch.utils import cpp_extension
 
 pytestmark = [
     pytest.mark.slow,
     needs_extension,
     # make test installs it (the test extra); a bare environment may lack it.
-    pytest.mark.skipif(not cpp_extension.is_ninja_available(), reason="ninja not found: pip install ninja"),
+    pytest.mark.skipif(
+        not cpp_extension.is_ninja_available(), reason="ninja not found: pip install ninja"
+    ),
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,8 +92,16 @@ def test_emulated_slice_kernels_match_the_cpu_kernel(
     agreement, student_stats, teacher_stats = want[0], want[1], want[2]
     grad_consistency = torch.tensor(0.7)
     grad_prob_sum = torch.randn(groups, group_size)
-    args = (grad_consistency, grad_prob_sum, student, teacher, agreement, student_stats,
-            teacher_stats, group_size)
+    args = (
+        grad_consistency,
+        grad_prob_sum,
+        student,
+        teacher,
+        agreement,
+        student_stats,
+        teacher_stats,
+        group_size,
+    )
     grad = emulated.backward(*args)
     grad_want = torch.ops.carp_fast.partition_softmax_backward(*args)
     assert grad.dtype == dtype and not grad.isnan().any()
@@ -108,5 +117,7 @@ def test_emulated_slice_kernels_match_the_cpu_kernel(
 def test_emulated_slice_kernels_refuse_a_bad_images_setting(emulated, monkeypatch):
     monkeypatch.setenv("CARP_FAST_CUDA_SLICE_IMAGES", "0")
     student = _logits(2, 2, 1, 128, torch.float32, 1.0)
-    with pytest.raises(RuntimeError, match="CARP_FAST_CUDA_SLICE_IMAGES must be a positive integer"):
+    with pytest.raises(
+        RuntimeError, match="CARP_FAST_CUDA_SLICE_IMAGES must be a positive integer"
+    ):
         emulated.forward(student, student[:1].contiguous(), 128)

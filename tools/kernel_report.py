@@ -46,7 +46,9 @@ def demangle(names: list[str]) -> dict[str, str]:
     """Mangled kernel names to readable ones (c++filt where present), namespaces dropped."""
     readable = list(names)
     if names and shutil.which("c++filt"):
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True)
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=False
+        )
         if out.returncode == 0 and len(out.stdout.splitlines()) == len(names):
             readable = out.stdout.splitlines()
     short = []
@@ -67,8 +69,11 @@ def parse_ptxas(text: str) -> dict[str, dict]:
         if entry := _ENTRY.search(line):
             current = kernels.setdefault(entry["name"], {"arch": entry["arch"]})
         elif current is not None and (frame := _FRAME.search(line)):
-            current.update(stack_bytes=int(frame["stack"]), spill_store_bytes=int(frame["stores"]),
-                           spill_load_bytes=int(frame["loads"]))
+            current.update(
+                stack_bytes=int(frame["stack"]),
+                spill_store_bytes=int(frame["stores"]),
+                spill_load_bytes=int(frame["loads"]),
+            )
         elif current is not None and (used := _REGISTERS.search(line)):
             current["registers"] = int(used["registers"])
             current = None
@@ -88,8 +93,8 @@ def parse_sass(text: str) -> dict[str, dict]:
     for name, instructions in bodies.items():
         opcodes = collections.Counter()
         last_exit = 0
-        for index, text in enumerate(instructions):
-            words = [w for w in text.split() if not w.startswith("@")]  # drop the predicate
+        for index, instruction in enumerate(instructions):
+            words = [w for w in instruction.split() if not w.startswith("@")]  # drop the predicate
             opcode = words[0].split(".")[0] if words else "?"
             opcodes[opcode] += 1
             if opcode == "EXIT":
@@ -127,11 +132,24 @@ def compile_object(source: Path, arch: str, nvcc: str, out_dir: Path) -> tuple[P
     includes += [f"-I{sysconfig.get_paths()['include']}", f"-I{source.resolve().parent}"]
     obj = out_dir / (source.stem + ".o")
     command = [
-        nvcc, "-c", str(source), "-o", str(obj), *includes, "-std=c++20", "-O3", "--use_fast_math",
-        "-gencode", f"arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-        *cpp_extension.COMMON_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C", "-DCARP_FAST_WITH_CUDA=1",
+        nvcc,
+        "-c",
+        str(source),
+        "-o",
+        str(obj),
+        *includes,
+        "-std=c++20",
+        "-O3",
+        "--use_fast_math",
+        "-gencode",
+        f"arch=compute_{arch},code=sm_{arch}",
+        "-Xptxas",
+        "-v",
+        *cpp_extension.COMMON_NVCC_FLAGS,
+        "-DTORCH_EXTENSION_NAME=_C",
+        "-DCARP_FAST_WITH_CUDA=1",
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"nvcc failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return obj, done.stderr
@@ -143,7 +161,9 @@ def report(source: Path, arch: str, nvcc: str, cuobjdump: str | None, kernels: s
         resources = parse_ptxas(ptxas)
         sass = {}
         if cuobjdump:
-            dump = subprocess.run([cuobjdump, "-sass", str(obj)], capture_output=True, text=True)
+            dump = subprocess.run(
+                [cuobjdump, "-sass", str(obj)], capture_output=True, text=True, check=False
+            )
             if dump.returncode != 0:
                 raise SystemExit(f"cuobjdump failed ({dump.returncode}): {dump.stderr[-2000:]}")
             sass = parse_sass(dump.stdout)
@@ -157,7 +177,7 @@ def report(source: Path, arch: str, nvcc: str, cuobjdump: str | None, kernels: s
 
 
 def _git(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, **kwargs)
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=False, **kwargs)
 
 
 def checkout_csrc(rev: str, into: Path) -> tuple[Path, str]:
@@ -173,12 +193,22 @@ def checkout_csrc(rev: str, into: Path) -> tuple[Path, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="the .cu file to compile")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help="the .cu file to compile"
+    )
     parser.add_argument("--rev", help="compile csrc/ as of this commit instead of the working tree")
-    parser.add_argument("--arch", default="90", help="compute capability without the dot (default 90)")
-    parser.add_argument("--nvcc", default=os.environ.get("NVCC", "nvcc"), help="nvcc to use (default: PATH)")
-    parser.add_argument("--cuobjdump", help="cuobjdump to count SASS with (default: PATH or the nvidia wheel)")
+    parser.add_argument(
+        "--arch", default="90", help="compute capability without the dot (default 90)"
+    )
+    parser.add_argument(
+        "--nvcc", default=os.environ.get("NVCC", "nvcc"), help="nvcc to use (default: PATH)"
+    )
+    parser.add_argument(
+        "--cuobjdump", help="cuobjdump to count SASS with (default: PATH or the nvidia wheel)"
+    )
     parser.add_argument("--kernels", help="regular expression on the readable kernel names to keep")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
@@ -199,20 +229,32 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no kernel of {args.source} matched --kernels {args.kernels!r}")
     for name, row in rows.items():
         spills = row.get("spill_store_bytes", 0) + row.get("spill_load_bytes", 0)
-        print(f"{name:60s} regs {row.get('registers', '?'):>3}  spills {spills:>3} B  "
-              f"sass {row.get('before_last_exit', '-')}/{row.get('instructions', '-')}")
+        print(
+            f"{name:60s} regs {row.get('registers', '?'):>3}  spills {spills:>3} B  "
+            f"sass {row.get('before_last_exit', '-')}/{row.get('instructions', '-')}"
+        )
     if not cuobjdump:
-        print("no cuobjdump: registers and spills only (pip download nvidia-cuda-cuobjdump, unpack, --cuobjdump)")
+        print(
+            "no cuobjdump: registers and spills only (pip download nvidia-cuda-cuobjdump, unpack, --cuobjdump)"
+        )
     if args.json:
-        nvcc_version = subprocess.run([args.nvcc, "--version"], capture_output=True, text=True).stdout
+        nvcc_version = subprocess.run(
+            [args.nvcc, "--version"], capture_output=True, text=True, check=False
+        ).stdout
         record = {
             "tool": "tools/kernel_report.py",
-            "command": "python tools/kernel_report.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python tools/kernel_report.py "
+            + " ".join(argv if argv is not None else sys.argv[1:]),
+            # timezone.utc, not datetime.UTC: the package supports Python 3.10.
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),  # noqa: UP017
             "commit": commit,
-            "source": (f"{DEFAULT_SOURCE.relative_to(ROOT)} at {commit}" if args.rev else
-                       str(args.source.resolve().relative_to(ROOT))
-                       if args.source.resolve().is_relative_to(ROOT) else str(args.source)),
+            "source": (
+                f"{DEFAULT_SOURCE.relative_to(ROOT)} at {commit}"
+                if args.rev
+                else str(args.source.resolve().relative_to(ROOT))
+                if args.source.resolve().is_relative_to(ROOT)
+                else str(args.source)
+            ),
             "arch": f"sm_{args.arch}",
             "nvcc": nvcc_version.strip().splitlines()[-1] if nvcc_version else None,
             "cuobjdump": cuobjdump,

@@ -72,6 +72,7 @@ T max(T a, T b) {
 namespace cuda_emu {
 
 constexpr int kWarpLanes = 32;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -86,9 +87,7 @@ struct Block {
   explicit Block(int threads, size_t shared_bytes)
       : meet(threads),
         warps(new Warp[threads / kWarpLanes]),
-        shared((shared_bytes + sizeof(float4) - 1) / sizeof(float4),
-               float4{std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN(),
-                      std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::quiet_NaN()}) {}
+        shared((shared_bytes + sizeof(float4) - 1) / sizeof(float4), float4{kNaN, kNaN, kNaN, kNaN}) {}
   std::barrier<> meet;
   std::unique_ptr<Warp[]> warps;
   std::vector<float4> shared;
