@@ -308,7 +308,8 @@ struct LaneRows {
 template <int kElems>
 struct SliceWarp {
   int lane, warp, num_warps, num_teacher;
-  int64_t group, num_groups, stride_view, stats_stride;
+  int64_t group, num_groups, stride_view;
+  int64_t slices;  // B * G: the stride of a view (or a pair) in the [V, B, G] outputs
   SliceWalk walk;
   LaneRows<kElems> q;  // [Vt] rows
 
@@ -321,7 +322,7 @@ struct SliceWarp {
         group(blockIdx.x / chunks),
         num_groups(s.num_groups),
         stride_view(s.batch * s.num_groups * s.group_size),
-        stats_stride(s.batch * s.num_groups),
+        slices(s.batch * s.num_groups),
         walk(s, group, blockIdx.x % chunks, batch_per_chunk, warp, num_warps),
         q{smem4 + warp * num_teacher * (kElems * kWarpSize / 4)} {}
 
@@ -340,9 +341,13 @@ struct SliceWarp {
                                              const RowPos& at) const {
     return (is_teacher(at.row) ? teacher : student) + view(at.row) * stride_view + at.offset;
   }
-  // The offset of (m, r) of `view`'s (image, group) slice in a [V, B, G, 2] stats tensor.
+  // The offset of entry `index`'s (image, group) slice in a [N, B, G] output: N = Vs * Vt for
+  // the agreements (index i * Vt + j), [V, B, G, 2] for the stats (twice the offset).
+  __device__ __forceinline__ int64_t slice_offset(int64_t index, int64_t image) const {
+    return index * slices + image * num_groups + group;
+  }
   __device__ __forceinline__ int64_t stats_offset(int64_t view, int64_t image) const {
-    return (view * stats_stride + image * num_groups + group) * 2;
+    return 2 * slice_offset(view, image);
   }
 };
 
@@ -465,7 +470,7 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
       }
 #pragma unroll 1
       for (int e = lane; e < pairs; e += kWarpSize) {
-        out.agreement[(e * s.batch + at.image) * s.num_groups + w.group] = stash.agreement[e];
+        out.agreement[w.slice_offset(e, at.image)] = stash.agreement[e];
       }
       __syncwarp();  // the next image's rows overwrite what other lanes have just read
     }
@@ -541,7 +546,7 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
       const int i = at.row - w.num_teacher;
       slot.stats = *reinterpret_cast<const float2*>(in.student_stats + w.stats_offset(i, at.image));
       slot.agreement = lane < w.num_teacher
-                           ? in.agreement[((i * w.num_teacher + lane) * s.batch + at.image) * s.num_groups + w.group]
+                           ? in.agreement[w.slice_offset(i * w.num_teacher + lane, at.image)]
                            : 0.0f;
     }
   };

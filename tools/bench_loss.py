@@ -17,13 +17,14 @@ Time: median of forward + backward over --reps (wall clock on CPU, CUDA events o
 implementations interleaved rep by rep so that a noisy (shared) machine disturbs them alike.
 On CUDA the fused operators are also timed alone, and set against the memory roofline: the
 bytes they must move (each logit read once by the forward, once by the backward, the
-gradient written once, plus their small outputs) over their time, against the device-to-device
-copy bandwidth measured in the same run and against the datasheet peak of known GPUs. Peak extra memory: what one
-forward + backward allocates above the inputs, the student gradient included. On CUDA that
-is torch.cuda.max_memory_allocated over the step minus what was allocated before; on CPU
-each implementation runs in a fresh process with glibc told to mmap every allocation of
-64 KiB and more (so freed tensors go back to the OS at once) and the growth of the peak
-resident set (VmHWM, reset through /proc/self/clear_refs) over one step is read.
+gradient written once, plus their small outputs) over their time, against the
+device-to-device copy bandwidth measured in the same run and against the datasheet peak of
+known GPUs. Peak extra memory: what one forward + backward allocates above the inputs, the
+student gradient included. On CUDA that is torch.cuda.max_memory_allocated over the step
+minus what was allocated before; on CPU each implementation runs in a fresh process with
+glibc told to mmap every allocation of 64 KiB and more (so freed tensors go back to the OS
+at once) and the growth of the peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over one step is read.
 """
 
 from __future__ import annotations
