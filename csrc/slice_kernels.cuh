@@ -117,8 +117,9 @@ constexpr int kSliceWarps = 4;  // warps per block; they share one group g
 constexpr int kSliceRingWords = 32;
 // Images a warp walks by default (CARP_FAST_CUDA_SLICE_IMAGES overrides, for tuning): fewer
 // means more, shorter warps (a smaller tail at the end of the grid) but more [chunks, G, P]
-// partial sums in the forward.
-constexpr int64_t kSliceImagesPerWarp = 8;  // 2-3 % faster than 4 at the published shape (H200)
+// partial sums in the forward. 8 beat 4 by 1-2.5 % in every H200 run at the published shape
+// (benchmarks/experiments/README.md).
+constexpr int64_t kSliceImagesPerWarp = 8;
 
 // One lane's kElems values of a row, as loaded: 32-bit words holding pieces of kPiece
 // consecutive columns, piece t of lane l at columns (t * 32 + l) * kPiece ... + kPiece - 1,
