@@ -18,6 +18,11 @@
 #   PROFILE=0 SLICE_IMAGES=1,2,4,8 NCU=1 TESTS_K=fused bash tools/gpu_check.sh
 #       # the loss kernels only: no step profile, the slice kernels' images per warp swept,
 #       # and Nsight Compute's view of one forward and one backward launch (ncu.txt)
+#   AB=1 PROFILE=0 bash tools/gpu_check.sh
+#       # also times the versions of csrc/ that `python tools/kernel_ab.py prepare ...` put
+#       # in .ab/ (carry it: the device tool's carry [".ab"]) against each other: about 90 s
+#       # to build two at once, then 15 s a version and round (kernel_ab.json, kernel_ab.log;
+#       # with PROFILE=1 and NCU=1 too, that makes the eight files that can come back)
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${BUDGET:-360}
@@ -28,6 +33,7 @@ COMPILE=${COMPILE:-0}
 PROFILE=${PROFILE:-1}
 SLICE_IMAGES=${SLICE_IMAGES:-}
 NCU=${NCU:-0}
+AB=${AB:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_check.log"
@@ -100,6 +106,11 @@ if ((NCU)); then
     --section WarpStateStats --section SchedulerStats \
     python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 1 --warmup 1 \
     --impls fused > "$OUT/ncu.txt"
+fi
+
+if ((AB)); then
+  run_stage "kernel_ab: the prepared versions of csrc/ in .ab/" 240 \
+    python tools/kernel_ab.py run --out "$OUT"
 fi
 
 # No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches
