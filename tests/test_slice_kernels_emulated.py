@@ -5,7 +5,8 @@ The GPU tests in test_fused_loss.py are the real check of these kernels; they ne
 These run everywhere and check what does not depend on the hardware: every output written,
 the indexing of the walk across rows, images and chunks, the per-image stash, the warp
 reductions and the gradient, on shapes that take each branch (idle warps, one or an odd
-number of teacher views, more rows and pairs than a warp has lanes, several chunks).
+number of teacher views, more rows and pairs than a warp has lanes, several chunks), and
+columns masked with -inf, all of one lane's among them.
 The emulation uses libm's exp and exact division, so results agree to rounding only.
 """
 
@@ -77,7 +78,32 @@ def test_emulated_slice_kernels_match_the_cpu_kernel(
         monkeypatch.setenv("CARP_FAST_CUDA_SLICE_IMAGES", images)
     student = _logits(vs, batch, groups, group_size, dtype, scale)
     teacher = _logits(vt, batch, groups, group_size, dtype, scale)
+    _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped=scale > 10)
 
+
+def test_emulated_slice_kernels_give_masked_columns_zero_probability(emulated, monkeypatch):
+    # -inf in every column that lane 0 loads (its 16-byte pieces: columns c with
+    # (c // piece) % 32 == 0), and in a few others: a lane whose values are all -inf must
+    # contribute probability 0, as exp(-inf - m) = 0 does in the CPU kernel.
+    monkeypatch.delenv("CARP_FAST_CUDA_SLICE_IMAGES", raising=False)
+    dtype, group_size, groups = torch.bfloat16, 512, 2
+    piece = min(16 // torch.empty(0, dtype=dtype).element_size(), group_size // 32)
+    columns = torch.arange(groups * group_size)
+    masked = ((columns % group_size) // piece) % 32 == 0
+    masked |= columns % 37 == 5
+    student = _logits(8, 3, groups, group_size, dtype, 3.0)
+    teacher = _logits(2, 3, groups, group_size, dtype, 3.0)
+    student[..., masked] = float("-inf")
+    teacher[..., masked] = float("-inf")
+    got = _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped=False)
+    prob_sum = got[3].flatten()
+    assert torch.equal(prob_sum[masked], torch.zeros_like(prob_sum[masked]))
+
+
+def _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped):
+    """Every forward output and the gradient of the emulated kernels against the CPU
+    kernel's; returns the emulated forward outputs."""
+    dtype, groups = student.dtype, student.shape[-1] // group_size
     got = emulated.forward(student, teacher, group_size)
     _, *want = torch.ops.carp_fast.partition_softmax_forward(student, teacher, group_size)
     for name, g, w in zip(("agreement", "student_stats", "teacher_stats", "prob_sum"), got, want):
@@ -86,7 +112,7 @@ def test_emulated_slice_kernels_match_the_cpu_kernel(
     # The row maxima are maxima of the same numbers: exact.
     assert torch.equal(got[1][..., 0], want[1][..., 0])
     assert torch.equal(got[2][..., 0], want[2][..., 0])
-    if scale > 10:
+    if clamped:
         assert (want[0] < 1.2e-7).any(), "the shape meant to reach the clamp did not"
 
     agreement, student_stats, teacher_stats = want[0], want[1], want[2]
@@ -106,12 +132,13 @@ def test_emulated_slice_kernels_match_the_cpu_kernel(
     grad_want = torch.ops.carp_fast.partition_softmax_backward(*args)
     assert grad.dtype == dtype and not grad.isnan().any()
     tolerance = dict(GRAD[dtype])
-    if scale > 10:
+    if clamped:
         # Agreements just above the clamp get weights of order 1 / eps, which amplify the
         # rounding differences between libm's exp and the CPU kernel's vectorised one: hold
         # the gradient to 1e-4 of its largest entry there.
         tolerance["atol"] = 1e-4 * grad_want.abs().max().item()
     torch.testing.assert_close(grad.float(), grad_want.float(), **tolerance)
+    return got
 
 
 def test_emulated_slice_kernels_refuse_a_bad_images_setting(emulated, monkeypatch):
