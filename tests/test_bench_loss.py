@@ -45,6 +45,18 @@ def test_fused_variants_pin_the_cuda_kernel_layout_only_while_they_run(monkeypat
         assert "CARP_FAST_CUDA_KERNELS" not in os.environ
 
 
+def test_the_timing_order_varies_from_rep_to_rep_and_repeats_across_runs():
+    impls = ["published", "reference", "compiled", "fused", "fused_warp"]
+    orders = [bench_loss.timing_order(impls, rep) for rep in range(20)]
+    assert all(sorted(order) == sorted(impls) for order in orders)
+    assert orders == [bench_loss.timing_order(impls, rep) for rep in range(20)]
+    for impl in impls:
+        places = [order.index(impl) for order in orders]
+        before = {order[place - 1] for order, place in zip(orders, places) if place > 0}
+        assert len(set(places)) >= 3, f"{impl} is nearly always timed at the same place"
+        assert len(before) >= 3, f"{impl} is nearly always timed right after the same one"
+
+
 def test_unknown_implementation_is_refused():
     with pytest.raises(SystemExit, match="unknown --impls"):
         bench_loss.main(["--device", "cpu", *TINY, "--impls", "fused,fastest"])
