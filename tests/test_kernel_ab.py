@@ -107,8 +107,9 @@ def test_summary_takes_medians_over_rounds_and_ratios_to_the_first_version_that_
         {"name": "base", "rounds": [{"t": 1.0}, {"t": 3.0}, {"t": 2.0}]},
         {"name": "new", "rounds": [{"t": 1.5}, {"t": 1.4}, {"t": 9.0}, {"t": 1.6}]},
     ]
-    medians, ratios = kernel_ab.summarise(versions)
+    medians, baseline, ratios = kernel_ab.summarise(versions)
     assert medians == {"broken": {}, "base": {"t": 2.0}, "new": {"t": 1.55}}
+    assert baseline == "base"
     assert ratios == {"new": {"t": pytest.approx(0.775)}}
 
 

@@ -45,6 +45,8 @@ from pathlib import Path
 
 from kernel_report import ROOT, checkout_csrc
 
+from carp_fast.profiling import git_commit
+
 DEFAULT_PREPARED = ROOT / ".ab"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "kernel_ab"
 # What a version's copy needs besides csrc/: setup.py builds carp_fast._C, bench_loss runs it.
@@ -91,7 +93,7 @@ def prepare(specs: list[str], into: Path) -> list[dict]:
             folder.mkdir()
             if source == "worktree":
                 shutil.copytree(ROOT / "csrc", folder / "csrc")
-                commit = _head_commit() + "+worktree"
+                commit = (git_commit() or "unknown") + "+worktree"
             else:
                 _, commit = checkout_csrc(source, folder)
             if patch is not None:
@@ -114,12 +116,6 @@ def prepare(specs: list[str], into: Path) -> list[dict]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return records
-
-
-def _head_commit() -> str:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True, check=False)
-    return head.stdout.strip() if head.returncode == 0 else "unknown"
 
 
 # ---- run --------------------------------------------------------------------------------
@@ -238,9 +234,9 @@ def figures(bench: dict) -> dict[str, float]:
     return kept
 
 
-def summarise(versions: list[dict]) -> tuple[dict, dict]:
-    """Medians over rounds per version, and each version's ratios to the baseline (the first
-    version that ran): time over the baseline's, so below 1 is faster."""
+def summarise(versions: list[dict]) -> tuple[dict, str | None, dict]:
+    """Medians over rounds per version, the baseline (the first version that ran, if any)
+    and each other version's ratios to it: time over the baseline's, so below 1 is faster."""
     medians = {}
     for version in versions:
         rounds = version.get("rounds") or []
@@ -254,7 +250,7 @@ def summarise(versions: list[dict]) -> tuple[dict, dict]:
         for name in ran[1:]:
             ratios[name] = {key: value / base[key] for key, value in medians[name].items()
                             if base.get(key)}
-    return medians, ratios
+    return medians, (ran[0] if ran else None), ratios
 
 
 def run(prepared: Path, work: Path, out: Path, rounds: int, bench_args: list[str]) -> int:
@@ -306,12 +302,13 @@ def run(prepared: Path, work: Path, out: Path, rounds: int, bench_args: list[str
                 log(f"round {round_index} {name}: FAILED\n{(done.stdout + done.stderr)[-3000:]}")
                 continue
             bench = json.loads(result.read_text())
-            version.setdefault("rounds", []).append(figures(bench))
+            kept = figures(bench)
+            version.setdefault("rounds", []).append(kept)
             version.setdefault("bench", bench)  # the first round's whole record, for provenance
             log(f"round {round_index} {name}: " + ", ".join(
-                f"{key} {value:.4g}" for key, value in figures(bench).items()))
+                f"{key} {value:.4g}" for key, value in kept.items()))
 
-    medians, ratios = summarise(versions)
+    medians, baseline, ratios = summarise(versions)
     first = next((v["bench"] for v in versions if "bench" in v), {})
     summary = {
         "what": "the fused CARP loss timed with each version of csrc/ (tools/kernel_ab.py)",
@@ -319,7 +316,7 @@ def run(prepared: Path, work: Path, out: Path, rounds: int, bench_args: list[str
         "device_name": first.get("device_name"),
         "torch": first.get("torch"),
         "command": ["tools/kernel_ab.py", "run", "--rounds", str(rounds), "--", *bench_args],
-        "baseline": next((v["name"] for v in versions if medians[v["name"]]), None),
+        "baseline": baseline,
         "medians": medians,
         "ratios_to_baseline": ratios,
         "versions": versions,

@@ -30,6 +30,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from carp_fast.profiling import git_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = ROOT / "csrc" / "partition_softmax_cuda.cu"
 
@@ -219,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.rev:
             source, commit = checkout_csrc(args.rev, Path(tmp))
         else:
-            head = _git("rev-parse", "HEAD", text=True)
-            source, commit = args.source, head.stdout.strip() if head.returncode == 0 else None
+            source, commit = args.source, git_commit()  # HEAD, +dirty if the tree has changes
         if shutil.which(args.nvcc) is None:
             parser.error(f"nvcc not found ({args.nvcc}); install the CUDA toolkit or pass --nvcc")
         cuobjdump = find_cuobjdump(args.cuobjdump)
