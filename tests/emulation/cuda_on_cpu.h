@@ -3,17 +3,19 @@
 // machines without a GPU (tests/test_slice_kernels_emulated.py). Include it before the
 // kernels.
 //
-// Every CUDA thread of a block is a std::thread. Warp shuffles and __syncwarp meet at a
-// barrier of the warp's 32 threads, __syncthreads at one of the block's. Blocks run one after
-// another. The threads really run concurrently, so shared memory that a kernel reads before
-// the barrier that should order it can show up as a wrong value, though not reliably: this
-// checks the arithmetic and the indexing, not the memory model. Dynamic shared memory starts
-// as NaN, so a read of a place nobody wrote shows in the results. Maths functions are libm's,
-// not the GPU's approximations, so results agree with the GPU's to rounding only.
+// Every CUDA thread of a block is a std::thread. Warp shuffles, the warp's integer max
+// (__reduce_max_sync) and __syncwarp meet at a barrier of the warp's 32 threads,
+// __syncthreads at one of the block's. Blocks run one after another. The threads really run
+// concurrently, so shared memory that a kernel reads before the barrier that should order it
+// can show up as a wrong value, though not reliably: this checks the arithmetic and the
+// indexing, not the memory model. Dynamic shared memory starts as NaN, so a read of a place
+// nobody wrote shows in the results. Maths functions are libm's, not the GPU's
+// approximations, so results agree with the GPU's to rounding only.
 #pragma once
 
 #define CARP_FAST_EMULATE_CUDA 1
 
+#include <algorithm>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -58,6 +60,8 @@ inline uint32_t __float_as_uint(float f) {
   std::memcpy(&u, &f, sizeof u);
   return u;
 }
+inline float __int_as_float(int i) { return __uint_as_float(static_cast<uint32_t>(i)); }
+inline int __float_as_int(float f) { return static_cast<int>(__float_as_uint(f)); }
 
 // CUDA's min/max overloads for device code.
 template <typename T>
@@ -81,6 +85,7 @@ struct Dim3 {
 struct Warp {
   std::barrier<> meet{kWarpLanes};
   float value[kWarpLanes];
+  int integer[kWarpLanes];
 };
 
 struct Block {
@@ -107,6 +112,17 @@ inline float exchange(float v, int from) {
   const float got = warp.value[from % kWarpLanes];
   warp.meet.arrive_and_wait();  // nobody overwrites value[] before every lane has read it
   return got;
+}
+
+// Every lane of the calling thread's warp puts in v; each gets back the largest.
+inline int reduce_max(int v) {
+  Warp& warp = block->warps[thread_index.x / kWarpLanes];
+  warp.integer[thread_index.x % kWarpLanes] = v;
+  warp.meet.arrive_and_wait();
+  int most = warp.integer[0];
+  for (int lane = 1; lane < kWarpLanes; ++lane) most = std::max(most, warp.integer[lane]);
+  warp.meet.arrive_and_wait();  // nobody overwrites integer[] before every lane has read it
+  return most;
 }
 
 // Runs kernel() as `blocks` blocks of `threads` threads (a multiple of 32), one block at a
@@ -146,6 +162,7 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   return cuda_emu::exchange(v, static_cast<int>(threadIdx.x % cuda_emu::kWarpLanes) ^ lane_mask);
 }
 inline float __shfl_sync(unsigned, float v, int from) { return cuda_emu::exchange(v, from); }
+inline int __reduce_max_sync(unsigned, int v) { return cuda_emu::reduce_max(v); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   cuda_emu::block->warps[threadIdx.x / cuda_emu::kWarpLanes].meet.arrive_and_wait();
 }
