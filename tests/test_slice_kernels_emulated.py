@@ -5,8 +5,9 @@ The GPU tests in test_fused_loss.py are the real check of these kernels; they ne
 These run everywhere and check what does not depend on the hardware: every output written,
 the indexing of the walk across rows, images and chunks, the per-image stash, the warp
 reductions and the gradient, on shapes that take each branch (idle warps, one or an odd
-number of teacher views, more rows and pairs than a warp has lanes, several chunks), and
-columns masked with -inf, all of one lane's among them.
+number of teacher views, more rows and pairs than a warp has lanes, several chunks),
+columns masked with -inf, all of one lane's among them, and rows whose every value is
+negative.
 The emulation uses libm's exp and exact division, so results agree to rounding only.
 """
 
@@ -98,6 +99,18 @@ def test_emulated_slice_kernels_give_masked_columns_zero_probability(emulated, m
     got = _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped=False)
     prob_sum = got[3].flatten()
     assert torch.equal(prob_sum[masked], torch.zeros_like(prob_sum[masked]))
+
+
+def test_emulated_slice_kernels_take_rows_of_negative_logits(emulated, monkeypatch):
+    # Every value of some rows negative (their max too), others straddling zero: a warp max
+    # that orders floats by their bits must still find each row's max exactly.
+    monkeypatch.delenv("CARP_FAST_CUDA_SLICE_IMAGES", raising=False)
+    slice_index = torch.arange(4)[:, None] * 2 + torch.arange(2)  # [image, group]
+    shift = torch.tensor([-60.0, -2.5, 0.0])[slice_index % 3].repeat_interleave(256, dim=-1)
+    student = (_logits(5, 4, 2, 256, torch.float32, 3.0) + shift).contiguous()
+    teacher = (_logits(2, 4, 2, 256, torch.float32, 3.0) + shift).contiguous()
+    got = _check_against_the_cpu_kernel(emulated, student, teacher, 256, clamped=False)
+    assert (got[1][..., 0] < 0).any() and (got[1][..., 0] > 0).any()
 
 
 def _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped):

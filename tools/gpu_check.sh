@@ -22,7 +22,8 @@
 #       # also times the versions of csrc/ that `python tools/kernel_ab.py prepare ...` put
 #       # in .ab/ (carry it: the device tool's carry [".ab"]) against each other: about 90 s
 #       # to build two at once, then 15 s a version and round (kernel_ab.json, kernel_ab.log;
-#       # with PROFILE=1 and NCU=1 too, that makes the eight files that can come back)
+#       # with PROFILE=1 and NCU=1 too, that makes the eight files that can come back);
+#       # AB_SECONDS (default 240) bounds the stage: give more versions more
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${BUDGET:-360}
@@ -34,6 +35,7 @@ PROFILE=${PROFILE:-1}
 SLICE_IMAGES=${SLICE_IMAGES:-}
 NCU=${NCU:-0}
 AB=${AB:-0}
+AB_SECONDS=${AB_SECONDS:-240}  # the kernel_ab stage's limit: raise it for more than two versions
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_check.log"
@@ -109,7 +111,7 @@ if ((NCU)); then
 fi
 
 if ((AB)); then
-  run_stage "kernel_ab: the prepared versions of csrc/ in .ab/" 240 \
+  run_stage "kernel_ab: the prepared versions of csrc/ in .ab/" "$AB_SECONDS" \
     python tools/kernel_ab.py run --out "$OUT"
 fi
 
