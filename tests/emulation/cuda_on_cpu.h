@@ -103,26 +103,28 @@ inline thread_local Dim3 block_index;
 inline thread_local Block* block = nullptr;
 inline Dim3 block_dim;
 
-// Every lane of the calling thread's warp puts in v; each gets back the value of lane `from`.
-inline float exchange(float v, int from) {
+// Every lane of the calling thread's warp puts its v in slots (one of the warp's arrays);
+// once all have, each gets back read(slots), and nobody overwrites slots before every lane
+// has read them.
+template <typename T, typename Read>
+T meet_in(T (Warp::*slots)[kWarpLanes], T v, Read read) {
   Warp& warp = block->warps[thread_index.x / kWarpLanes];
-  const int lane = static_cast<int>(thread_index.x % kWarpLanes);
-  warp.value[lane] = v;
+  (warp.*slots)[thread_index.x % kWarpLanes] = v;
   warp.meet.arrive_and_wait();
-  const float got = warp.value[from % kWarpLanes];
-  warp.meet.arrive_and_wait();  // nobody overwrites value[] before every lane has read it
+  const T got = read(warp.*slots);
+  warp.meet.arrive_and_wait();
   return got;
 }
 
-// Every lane of the calling thread's warp puts in v; each gets back the largest.
+// Each lane gets the v of lane `from`.
+inline float exchange(float v, int from) {
+  return meet_in(&Warp::value, v, [from](const float* all) { return all[from % kWarpLanes]; });
+}
+
+// Each lane gets the largest v of the warp.
 inline int reduce_max(int v) {
-  Warp& warp = block->warps[thread_index.x / kWarpLanes];
-  warp.integer[thread_index.x % kWarpLanes] = v;
-  warp.meet.arrive_and_wait();
-  int most = warp.integer[0];
-  for (int lane = 1; lane < kWarpLanes; ++lane) most = std::max(most, warp.integer[lane]);
-  warp.meet.arrive_and_wait();  // nobody overwrites integer[] before every lane has read it
-  return most;
+  return meet_in(&Warp::integer, v,
+                 [](const int* all) { return *std::max_element(all, all + kWarpLanes); });
 }
 
 // Runs kernel() as `blocks` blocks of `threads` threads (a multiple of 32), one block at a
