@@ -24,6 +24,12 @@
 #       # to build two at once, then 15 s a version and round (kernel_ab.json, kernel_ab.log;
 #       # with PROFILE=1 and NCU=1 too, that makes the eight files that can come back);
 #       # AB_SECONDS (default 240) bounds the stage: give more versions more
+#   AB=1 AB_ADOPT=1 PROFILE=0 AB_SECONDS=300 BUDGET=540 bash tools/gpu_check.sh
+#       # times the prepared versions first, then builds, tests and benchmarks the fastest in
+#       # place of the tree's csrc/ (if it beats the first version, the baseline, by more than
+#       # AB_MARGIN of its forward + backward time), all in one call: a second machine start is
+#       # minutes of a session's device time. The log and the loss JSON's commit name the csrc/
+#       # that was checked (the prepared version's commit, with its patch)
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 BUDGET=${BUDGET:-360}
@@ -36,6 +42,9 @@ SLICE_IMAGES=${SLICE_IMAGES:-}
 NCU=${NCU:-0}
 AB=${AB:-0}
 AB_SECONDS=${AB_SECONDS:-240}  # the kernel_ab stage's limit: raise it for more than two versions
+AB_ROUNDS=${AB_ROUNDS:-2}  # kernel_ab's rounds: each times every version once, in turn
+AB_ADOPT=${AB_ADOPT:-0}
+AB_MARGIN=${AB_MARGIN:-0.02}  # how much faster (a fraction of the baseline's time) a version must be to be adopted
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LOG="$OUT/gpu_check.log"
@@ -72,6 +81,45 @@ PY
 # Only the GPU in hand: sm_90 for H100/H200 (CARP_FAST_CUDA_ARCH overrides).
 export CARP_FAST_CUDA_ARCH=${CARP_FAST_CUDA_ARCH:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+if ((AB && AB_ADOPT)); then
+  run_stage "kernel_ab: the prepared versions of csrc/ in .ab/, before the tree's build" "$AB_SECONDS" \
+    python tools/kernel_ab.py run --rounds "$AB_ROUNDS" --out "$OUT"
+  # The fastest version that ran replaces csrc/ for every stage after this one.
+  adopted=$(OUT="$OUT" AB_MARGIN="$AB_MARGIN" python - <<'PY' 2>&1 | tee -a "$LOG" | tail -1
+import json, os, shutil
+from pathlib import Path
+key = "fused.forward_backward_ms"
+try:
+    ab = json.loads((Path(os.environ["OUT"]) / "kernel_ab.json").read_text())
+except (OSError, ValueError) as error:
+    print(f"no kernel_ab.json ({error}): the tree's csrc/ stays")
+    raise SystemExit
+times = {name: m[key] for name, m in ab["medians"].items() if key in m}
+base = ab["baseline"]
+if base not in times:
+    print("the baseline was not timed: the tree's csrc/ stays")
+    raise SystemExit
+best = min(times, key=times.get)
+margin = float(os.environ["AB_MARGIN"])
+print("forward + backward ms:", {name: round(t, 4) for name, t in times.items()})
+if best == base or times[best] > (1 - margin) * times[base]:
+    print(f"no version beats {base} by more than {margin:.0%}: the tree's csrc/ stays")
+    raise SystemExit
+version = json.loads(Path(".ab", best, "version.json").read_text())
+shutil.rmtree("csrc")
+shutil.copytree(Path(".ab", best, "csrc"), "csrc")
+print(f"adopted {best} ({times[best] / times[base]:.3f} of {base}'s time): {version['commit']}")
+PY
+)
+  if [[ $adopted == adopted* ]]; then
+    export CARP_FAST_COMMIT=${adopted##*: }
+    log "csrc/ is now ${adopted#adopted }"
+  else
+    log "$adopted"
+  fi
+fi
+
 log "build for sm_${CARP_FAST_CUDA_ARCH/./}"
 if ! timeout 240 python -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log" | tee -a "$LOG"
@@ -110,9 +158,9 @@ if ((NCU)); then
     --impls fused > "$OUT/ncu.txt"
 fi
 
-if ((AB)); then
+if ((AB && !AB_ADOPT)); then
   run_stage "kernel_ab: the prepared versions of csrc/ in .ab/" "$AB_SECONDS" \
-    python tools/kernel_ab.py run --out "$OUT"
+    python tools/kernel_ab.py run --rounds "$AB_ROUNDS" --out "$OUT"
 fi
 
 # No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches
