@@ -6,8 +6,8 @@
 // emulation of the CUDA built-ins (tests/emulation/cuda_on_cpu.h, CARP_FAST_EMULATE_CUDA):
 // the kernels' indexing, shared-memory use and warp reductions then run, thread by thread,
 // on a machine without a GPU. Only what this file uses needs emulating: __shfl_xor_sync,
-// __shfl_sync, __syncwarp, __syncthreads, the thread/block indices, vector types, dynamic
-// shared memory (CARP_FAST_DYNAMIC_SHARED) and a few float functions.
+// __shfl_sync, __reduce_max_sync, __syncwarp, __syncthreads, the thread/block indices, vector
+// types, dynamic shared memory (CARP_FAST_DYNAMIC_SHARED) and a few float functions.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -48,6 +48,29 @@ __device__ __forceinline__ float warp_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, offset);
   }
   return v;
+}
+
+// Max over the warp. From sm_80 on, through the warp's integer max (one REDUX instruction)
+// instead of five dependent shuffle-and-max steps: the float's bits map to an int whose signed
+// order is the floats' order (a negative float's magnitude bits flipped; the map is its own
+// inverse), so the max of the ints is the int of the max. Unlike fmaxf it does not skip a NaN
+// (it ranks one above +inf, or below -inf with the sign bit set); the callers' maxima come from
+// fmaxf over a lane's values, which are NaN only where all of them are, and a row holding a NaN
+// has a NaN sum either way.
+__device__ __forceinline__ int flip_negative(int bits) {
+  return bits ^ ((bits >> 31) & 0x7fffffff);
+}
+
+__device__ __forceinline__ float warp_max_redux(float v) {
+#if defined(CARP_FAST_EMULATE_CUDA) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800)
+  return __int_as_float(flip_negative(__reduce_max_sync(0xffffffffu, flip_negative(__float_as_int(v)))));
+#else
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+#endif
 }
 
 // What a forward kernel writes; the consistency is then computed from the agreements alone
@@ -413,11 +436,7 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     float e[kElems];
 #pragma unroll
     for (int k = 0; k < kElems; ++k) e[k] = slot.get(k);
-    float m = tree_reduce(e, [](float a, float b) { return fmaxf(a, b); });
-#pragma unroll
-    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-    }
+    const float m = warp_max_redux(tree_reduce(e, [](float a, float b) { return fmaxf(a, b); }));
 #pragma unroll
     for (int k = 0; k < kElems; ++k) e[k] = exp_shifted(e[k], m);
     const float inv = 1.0f / warp_sum(tree_reduce(e, [](float a, float b) { return a + b; }));

@@ -84,7 +84,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 if ((AB && AB_ADOPT)); then
   run_stage "kernel_ab: the prepared versions of csrc/ in .ab/, before the tree's build" "$AB_SECONDS" \
-    python tools/kernel_ab.py run --rounds "$AB_ROUNDS" --out "$OUT"
+    env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python tools/kernel_ab.py run --rounds "$AB_ROUNDS" --out "$OUT"
   # The fastest version that ran replaces csrc/ for every stage after this one.
   adopted=$(OUT="$OUT" AB_MARGIN="$AB_MARGIN" python - <<'PY' 2>&1 | tee -a "$LOG" | tail -1
 import json, os, shutil
