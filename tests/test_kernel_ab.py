@@ -113,6 +113,55 @@ def test_summary_takes_medians_over_rounds_and_ratios_to_the_first_version_that_
     assert ratios == {"new": {"t": pytest.approx(0.775)}}
 
 
+def _adopt_setup(tmp_path, medians, baseline="base"):
+    """A tree's csrc/, two prepared versions and a run's summary with these medians."""
+    into = tmp_path / "csrc"
+    into.mkdir()
+    (into / "kernel.cuh").write_text("tree\n")
+    prepared = tmp_path / "ab"
+    for name in ("base", "new"):
+        (prepared / name / "csrc").mkdir(parents=True)
+        (prepared / name / "csrc" / "kernel.cuh").write_text(f"{name}\n")
+        (prepared / name / "version.json").write_text(json.dumps({"commit": f"abc+{name}.patch"}))
+    result = tmp_path / "kernel_ab.json"
+    result.write_text(json.dumps({"baseline": baseline, "medians": medians}))
+    return result, prepared, into
+
+
+def test_adopt_puts_the_fastest_versions_csrc_in_place_where_it_beats_the_margin(tmp_path):
+    result, prepared, into = _adopt_setup(tmp_path, {
+        "base": {"fused.forward_backward_ms": 0.40}, "new": {"fused.forward_backward_ms": 0.36}})
+    lines = kernel_ab.adopt(result, prepared, into, margin=0.02)
+    assert lines[-1] == "adopted new (0.900 of base's time): abc+new.patch"
+    assert (into / "kernel.cuh").read_text() == "new\n"
+    assert not (tmp_path / "csrc.adopting").exists()
+
+
+@pytest.mark.parametrize("medians, baseline, reason", [
+    ({"base": {"fused.forward_backward_ms": 0.40}, "new": {"fused.forward_backward_ms": 0.395}},
+     "base", "no version beats base by more than 2%"),
+    ({"base": {"fused.forward_backward_ms": 0.40}, "new": {"fused.forward_backward_ms": 0.45}},
+     "base", "no version beats base"),
+    ({"base": {}, "new": {"fused.forward_backward_ms": 0.30}}, "base", "baseline was not timed"),
+])
+def test_adopt_keeps_the_trees_csrc_otherwise(tmp_path, medians, baseline, reason):
+    result, prepared, into = _adopt_setup(tmp_path, medians, baseline)
+    lines = kernel_ab.adopt(result, prepared, into, margin=0.02)
+    assert reason in lines[-1] and not lines[-1].startswith("adopted")
+    assert (into / "kernel.cuh").read_text() == "tree\n"
+
+
+def test_adopt_without_a_result_or_with_a_broken_version_leaves_csrc_as_it_was(tmp_path):
+    result, prepared, into = _adopt_setup(tmp_path, {
+        "base": {"fused.forward_backward_ms": 0.40}, "new": {"fused.forward_backward_ms": 0.30}})
+    missing = kernel_ab.adopt(tmp_path / "none.json", prepared, into, margin=0.02)
+    assert missing[-1].startswith("no none.json")
+    shutil.rmtree(prepared / "new" / "csrc")  # the copy fails half way: nothing is lost
+    with pytest.raises(OSError):
+        kernel_ab.adopt(result, prepared, into, margin=0.02)
+    assert (into / "kernel.cuh").read_text() == "tree\n"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_run_builds_each_version_apart_and_times_those_that_build(tmp_path, monkeypatch):

@@ -82,36 +82,14 @@ PY
 export CARP_FAST_CUDA_ARCH=${CARP_FAST_CUDA_ARCH:-$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
+# kernel_ab imports carp_fast, which the first of its stages runs before the tree's build.
+KERNEL_AB=(env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python tools/kernel_ab.py)
 if ((AB && AB_ADOPT)); then
   run_stage "kernel_ab: the prepared versions of csrc/ in .ab/, before the tree's build" "$AB_SECONDS" \
-    env PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python tools/kernel_ab.py run --rounds "$AB_ROUNDS" --out "$OUT"
+    "${KERNEL_AB[@]}" run --rounds "$AB_ROUNDS" --out "$OUT"
   # The fastest version that ran replaces csrc/ for every stage after this one.
-  adopted=$(OUT="$OUT" AB_MARGIN="$AB_MARGIN" python - <<'PY' 2>&1 | tee -a "$LOG" | tail -1
-import json, os, shutil
-from pathlib import Path
-key = "fused.forward_backward_ms"
-try:
-    ab = json.loads((Path(os.environ["OUT"]) / "kernel_ab.json").read_text())
-except (OSError, ValueError) as error:
-    print(f"no kernel_ab.json ({error}): the tree's csrc/ stays")
-    raise SystemExit
-times = {name: m[key] for name, m in ab["medians"].items() if key in m}
-base = ab["baseline"]
-if base not in times:
-    print("the baseline was not timed: the tree's csrc/ stays")
-    raise SystemExit
-best = min(times, key=times.get)
-margin = float(os.environ["AB_MARGIN"])
-print("forward + backward ms:", {name: round(t, 4) for name, t in times.items()})
-if best == base or times[best] > (1 - margin) * times[base]:
-    print(f"no version beats {base} by more than {margin:.0%}: the tree's csrc/ stays")
-    raise SystemExit
-version = json.loads(Path(".ab", best, "version.json").read_text())
-shutil.rmtree("csrc")
-shutil.copytree(Path(".ab", best, "csrc"), "csrc")
-print(f"adopted {best} ({times[best] / times[base]:.3f} of {base}'s time): {version['commit']}")
-PY
-)
+  adopted=$("${KERNEL_AB[@]}" adopt --result "$OUT/kernel_ab.json" --margin "$AB_MARGIN" 2>&1 \
+    | tee -a "$LOG" | tail -1)
   if [[ $adopted == adopted* ]]; then
     export CARP_FAST_COMMIT=${adopted##*: }
     log "csrc/ is now ${adopted#adopted }"
@@ -160,7 +138,7 @@ fi
 
 if ((AB && !AB_ADOPT)); then
   run_stage "kernel_ab: the prepared versions of csrc/ in .ab/" "$AB_SECONDS" \
-    python tools/kernel_ab.py run --rounds "$AB_ROUNDS" --out "$OUT"
+    "${KERNEL_AB[@]}" run --rounds "$AB_ROUNDS" --out "$OUT"
 fi
 
 # No loader here (no DALI, FFCV or ImageNet on the machine): compute on synthetic batches

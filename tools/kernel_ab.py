@@ -26,6 +26,13 @@ after round, so that drift of the machine falls on every version alike. It write
 over rounds, ratios to the baseline) and one log (kernel_ab.log, with the end of any failed
 build), so that at most two files come back. A version that fails to build or to run is
 reported with the end of its log; the others are still timed, and the exit status is 1.
+
+    python tools/kernel_ab.py adopt --margin 0.02    # after run, on the same machine
+
+`adopt` reads run's kernel_ab.json and, where the fastest version's forward + backward beats
+the baseline's by more than --margin (a fraction of the baseline's time), puts that version's
+csrc/ in place of this tree's (tools/gpu_check.sh AB_ADOPT=1 then builds, tests and
+benchmarks it). Its last line says what it did: `adopted NAME (...): COMMIT`, or why not.
 """
 
 from __future__ import annotations
@@ -334,6 +341,38 @@ def run(prepared: Path, work: Path, out: Path, rounds: int, bench_args: list[str
     return 1 if any("error" in v for v in versions) else 0
 
 
+# ---- adopt ------------------------------------------------------------------------------
+
+ADOPT_FIGURE = "fused.forward_backward_ms"
+
+
+def adopt(result: Path, prepared: Path, into: Path, margin: float) -> list[str]:
+    """Replaces `into` by the csrc/ of the version that run timed fastest, where it beats the
+    baseline by more than `margin` (a fraction of the baseline's time). Returns the lines for
+    the log; the last is `adopted NAME (...): COMMIT` if it did."""
+    try:
+        summary = json.loads(result.read_text())
+    except (OSError, ValueError) as error:
+        return [f"no {result.name} ({error}): the tree's csrc/ stays"]
+    times = {name: values[ADOPT_FIGURE] for name, values in summary["medians"].items()
+             if ADOPT_FIGURE in values}
+    base = summary["baseline"]
+    if base not in times:
+        return ["the baseline was not timed: the tree's csrc/ stays"]
+    lines = ["forward + backward ms: " + str({name: round(t, 4) for name, t in times.items()})]
+    best = min(times, key=times.get)
+    if best == base or times[best] > (1 - margin) * times[base]:
+        return lines + [f"no version beats {base} by more than {margin:.0%}: the tree's csrc/ stays"]
+    commit = json.loads((prepared / best / "version.json").read_text())["commit"]
+    # Copied next to it first, so that a failed copy leaves `into` as it was.
+    staged = into.with_name(into.name + ".adopting")
+    shutil.rmtree(staged, ignore_errors=True)
+    shutil.copytree(prepared / best / "csrc", staged)
+    shutil.rmtree(into)
+    staged.rename(into)
+    return lines + [f"adopted {best} ({times[best] / times[base]:.3f} of {base}'s time): {commit}"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,7 +388,16 @@ def main(argv: list[str] | None = None) -> int:
     timing.add_argument("bench_args", nargs=argparse.REMAINDER,
                         help="-- then tools/bench_loss.py's arguments (default: "
                         + " ".join(DEFAULT_BENCH) + ")")
+    choose = commands.add_parser("adopt", help="put the fastest version's csrc/ in place of --into")
+    choose.add_argument("--result", type=Path,
+                        default=Path(os.environ.get("OUT", "kernel_ab_out")) / "kernel_ab.json")
+    choose.add_argument("--prepared", type=Path, default=DEFAULT_PREPARED)
+    choose.add_argument("--into", type=Path, default=ROOT / "csrc")
+    choose.add_argument("--margin", type=float, default=0.02)
     args = parser.parse_args(argv)
+    if args.command == "adopt":
+        print("\n".join(adopt(args.result, args.prepared, args.into, args.margin)))
+        return 0
     if args.command == "prepare":
         for record in prepare(args.versions, args.into):
             print(f"{record['name']}: {record['commit']} -> {args.into / record['name']}")
