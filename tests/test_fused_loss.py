@@ -325,7 +325,9 @@ def test_two_process_gloo_matches_single_process():
 # with CARP_FAST_CUDA_KERNELS=warp, the row-per-warp kernels; the others take the blocked
 # ones. Some shapes cross the faster kernels' limits (P = 4096; 18 rows in the forward but 16
 # students in the backward; Vt = 3 at P = 1024 overflows the slice kernels' shared memory),
-# so one op call may mix layouts; batch 5 leaves some of the slice kernels' warps idle.
+# so one op call may mix layouts; batch 5 leaves some of the slice kernels' warps idle; 66
+# rows (64 students) is many views (the kernel candidates from v10 on, in
+# benchmarks/experiments/, leave more than 64 rows to the other layouts).
 CUDA_SHAPES = SHAPES + [
     (3, 2, 3, 1, 128),
     (2, 2, 3, 3, 256),
@@ -336,6 +338,7 @@ CUDA_SHAPES = SHAPES + [
     (6, 5, 2, 2, 256),
     (3, 2, 2, 2, 4096),
     (16, 2, 2, 1, 128),
+    (64, 2, 2, 1, 128),
 ]
 
 
@@ -362,8 +365,12 @@ def test_cuda_matches_reference_fp32(shape, cuda_kernels):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group_size", [24, 128, 256])
-def test_cuda_half_precision_error_bounded_by_reference(dtype, group_size, cuda_kernels):
-    _assert_within_twice_reference(_half_precision_errors("cuda", dtype, (4, 2, 3, 3, group_size)))
+@pytest.mark.parametrize("views", [(4, 2), (3, 3)], ids=["vt2", "vt3"])
+def test_cuda_half_precision_error_bounded_by_reference(dtype, group_size, views, cuda_kernels):
+    # Two teacher views (the published recipe) and three: kernels may be compiled for the
+    # first and read Vt at run time for the other.
+    shape = (*views, 3, 3, group_size)
+    _assert_within_twice_reference(_half_precision_errors("cuda", dtype, shape))
 
 
 @needs_extension
