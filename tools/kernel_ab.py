@@ -56,6 +56,8 @@ from carp_fast.profiling import git_commit
 
 DEFAULT_PREPARED = ROOT / ".ab"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "kernel_ab"
+# Where run writes kernel_ab.json and adopt reads it ($OUT on the device machine).
+DEFAULT_OUT = Path(os.environ.get("OUT", "kernel_ab_out"))
 # What a version's copy needs besides csrc/: setup.py builds carp_fast._C, bench_loss runs it.
 COPIED = ("setup.py", "README.md", "carp_fast", "tools")
 DEFAULT_BENCH = ["--device", "cuda", "--dtype", "bf16", "--batch", "256", "--reps", "20",
@@ -383,14 +385,13 @@ def main(argv: list[str] | None = None) -> int:
     timing = commands.add_parser("run", help="build and time the prepared versions")
     timing.add_argument("--prepared", type=Path, default=DEFAULT_PREPARED)
     timing.add_argument("--work", type=Path, default=DEFAULT_WORK, help="where the copies build")
-    timing.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "kernel_ab_out")))
+    timing.add_argument("--out", type=Path, default=DEFAULT_OUT)
     timing.add_argument("--rounds", type=int, default=2)
     timing.add_argument("bench_args", nargs=argparse.REMAINDER,
                         help="-- then tools/bench_loss.py's arguments (default: "
                         + " ".join(DEFAULT_BENCH) + ")")
     choose = commands.add_parser("adopt", help="put the fastest version's csrc/ in place of --into")
-    choose.add_argument("--result", type=Path,
-                        default=Path(os.environ.get("OUT", "kernel_ab_out")) / "kernel_ab.json")
+    choose.add_argument("--result", type=Path, default=DEFAULT_OUT / "kernel_ab.json")
     choose.add_argument("--prepared", type=Path, default=DEFAULT_PREPARED)
     choose.add_argument("--into", type=Path, default=ROOT / "csrc")
     choose.add_argument("--margin", type=float, default=0.02)
