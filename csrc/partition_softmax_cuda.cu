@@ -569,12 +569,12 @@ bool aligned16(const at::Tensor& t) {
 }
 
 // The slice kernels need one dtype for both logits (a lane's pieces line up with the
-// teacher's), 16-byte aligned rows, lane j for a_ij (Vt <= 32) and their shared memory
-// (q, S_g and a stash per warp, a row of the block) within the default 48 KiB.
+// teacher's), 16-byte aligned rows, a shape their indexing holds (slice_shape_fits) and their
+// shared memory (q, S_g and a stash per warp, a row of the block) within the default 48 KiB.
 bool slice_kernels_apply(const at::Tensor& student, const at::Tensor& teacher, const LossShape& s,
                          int64_t shared_bytes) {
   return student.scalar_type() == teacher.scalar_type() && aligned16(student) &&
-         aligned16(teacher) && s.num_teacher <= kWarpSize && shared_bytes <= kDefaultSharedBytes &&
+         aligned16(teacher) && slice_shape_fits(s) && shared_bytes <= kDefaultSharedBytes &&
          with_warp_elems(s.group_size, [](auto) {});
 }
 
@@ -662,12 +662,15 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
     using T = decltype(t_tag);
     if (slice_path) {
       if constexpr (std::is_same_v<S, T>) {
+        const RowViews rows =
+            row_views(student.const_data_ptr<S>(), teacher.const_data_ptr<S>(), s);
         with_warp_elems(s.group_size, [&](auto elems) {
-          forward_slice_kernel<decltype(elems)::value, S>
-              <<<static_cast<unsigned>(blocks), kSliceWarps * kWarpSize, slice_shared_bytes,
-                 stream>>>(student.const_data_ptr<S>(), teacher.const_data_ptr<S>(), s, chunks,
-                           batch_per_chunk, out);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          with_slice_teachers(s.num_teacher, [&](auto teachers) {
+            forward_slice_kernel<decltype(elems)::value, S, decltype(teachers)::value>
+                <<<static_cast<unsigned>(blocks), kSliceWarps * kWarpSize, slice_shared_bytes,
+                   stream>>>(rows, s, chunks, batch_per_chunk, out);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
         });
       }
       return;
@@ -747,10 +750,9 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
         with_warp_elems(s.group_size, [&](auto elems) {
           backward_slice_kernel<decltype(elems)::value, S>
               <<<static_cast<unsigned>(s.num_groups * grid.chunks), kSliceWarps * kWarpSize,
-                 slice_shared_bytes, stream>>>(student.const_data_ptr<S>(),
-                                               teacher.const_data_ptr<S>(), s, grid.chunks,
-                                               grid.batch_per_chunk, in,
-                                               grad_student.data_ptr<S>());
+                 slice_shared_bytes, stream>>>(
+                  row_views(student.const_data_ptr<S>(), teacher.const_data_ptr<S>(), s), s,
+                  grid.chunks, grid.batch_per_chunk, in, grad_student.data_ptr<S>());
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       }

@@ -161,10 +161,12 @@ struct LaneRow {
     return ((k / kPiece) * kWarpSize + lane) * kPiece + k % kPiece;
   }
 
-  __device__ __forceinline__ void load(const X* __restrict__ row, int lane) {
+  // From the lane's first element (its first piece: `row + lane * kPiece`), so that the
+  // caller folds the lane into a 32-bit index and every piece is an immediate offset.
+  __device__ __forceinline__ void load(const X* __restrict__ lane_first) {
 #pragma unroll
     for (int t = 0; t < kWords / kPieceWords; ++t) {
-      const X* src = row + (t * kWarpSize + lane) * kPiece;
+      const X* src = lane_first + t * kWarpSize * kPiece;
       if constexpr (kPieceWords == 4) {
         const uint4 v = *reinterpret_cast<const uint4*>(src);
         word[4 * t] = v.x, word[4 * t + 1] = v.y, word[4 * t + 2] = v.z, word[4 * t + 3] = v.w;
@@ -175,10 +177,10 @@ struct LaneRow {
     }
   }
 
-  __device__ __forceinline__ void store(X* __restrict__ row, int lane) const {
+  __device__ __forceinline__ void store(X* __restrict__ lane_first) const {
 #pragma unroll
     for (int t = 0; t < kWords / kPieceWords; ++t) {
-      X* dst = row + (t * kWarpSize + lane) * kPiece;
+      X* dst = lane_first + t * kWarpSize * kPiece;
       if constexpr (kPieceWords == 4) {
         *reinterpret_cast<uint4*>(dst) =
             make_uint4(word[4 * t], word[4 * t + 1], word[4 * t + 2], word[4 * t + 3]);
@@ -235,30 +237,85 @@ __device__ __forceinline__ float tree_reduce(const float (&v)[kElems], Op op) {
   return t[0];
 }
 
-// Where a warp's walk is: an image, the offset of its (image, group) slice within a view
-// (image * G * P + g * P, kept up to date by additions rather than recomputed), and a row of
-// the slice (rows 0..Vt-1 teacher, then students).
+// The larger of two packed pairs of 16-bit floats, pair by pair, in their own format (which
+// orders them as their exact fp32 values do), a NaN losing to a number as in fmaxf: one
+// instruction for two elements from sm_80 on. The emulation compares the halves as floats.
+template <typename X>
+__device__ __forceinline__ uint32_t max_pair(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t d;
+  if constexpr (std::is_same_v<X, c10::BFloat16>) {
+    asm("max.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  } else {
+    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+  }
+  return d;
+#else
+  uint32_t d = 0;
+  for (int half = 0; half < 2; ++half) {
+    const uint16_t x = static_cast<uint16_t>(a >> (16 * half));
+    const uint16_t y = static_cast<uint16_t>(b >> (16 * half));
+    const float fx = static_cast<float>(X(x, X::from_bits()));
+    const float fy = static_cast<float>(X(y, X::from_bits()));
+    const uint16_t larger = (fx != fx || fy > fx) ? y : x;  // fmaxf's choice, as bits
+    d |= static_cast<uint32_t>(larger) << (16 * half);
+  }
+  return d;
+#endif
+}
+
+// The largest of a lane's values of a row (NaNs skipped, as by fmaxf). 16-bit logits are
+// compared two at a time while still packed: kWords - 1 packed maxima and one fmaxf instead
+// of kElems - 1 fmaxf (the conversions to fp32 that the exps need do not wait for it).
+template <int kElems, typename X>
+__device__ __forceinline__ float lane_max(const LaneRow<kElems, X>& row) {
+  using Row = LaneRow<kElems, X>;
+  if constexpr (std::is_same_v<X, float> || Row::kWords < 2) {
+    float v[kElems];
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) v[k] = row.get(k);
+    return tree_reduce(v, [](float a, float b) { return fmaxf(a, b); });
+  } else {
+    uint32_t t[Row::kWords];
+#pragma unroll
+    for (int k = 0; k < Row::kWords; ++k) t[k] = row.word[k];
+#pragma unroll
+    for (int width = Row::kWords / 2; width > 0; width /= 2) {
+#pragma unroll
+      for (int k = 0; k < width; ++k) t[k] = max_pair<X>(t[2 * k], t[2 * k + 1]);
+    }
+    Row last;
+    last.word[0] = t[0];
+    return fmaxf(last.get(0), last.get(1));
+  }
+}
+
+// Where a warp's walk is: an image, the index of the lane's first logit of its (image, group)
+// slice within a view (image * G * P + g * P + lane * piece, kept up to date by additions
+// rather than recomputed; 32 bits, as slice_kernels_apply holds a view below 2^31 logits),
+// and a row of the slice (rows 0..Vt-1 teacher, then students).
 struct RowPos {
-  int64_t image;
-  int64_t offset;
+  int image;
+  uint32_t offset;
   int row;
 };
 
 // The rows one warp walks: images first, first + step, ... (count of them) of one group, and
 // in each the Vt teacher rows, then the Vs student rows.
 struct SliceWalk {
-  int64_t first, first_offset, step_offset;
-  int step, count, rows;
+  int first, step, count, rows;
+  uint32_t first_offset, step_offset;
 
   __device__ __forceinline__ SliceWalk(const LossShape& s, int64_t group, int64_t chunk,
-                                       int64_t batch_per_chunk, int warp, int num_warps) {
+                                       int64_t batch_per_chunk, int warp, int num_warps,
+                                       int lane_column) {
     const int64_t begin = chunk * batch_per_chunk + warp;
     const int64_t end = min(s.batch, (chunk + 1) * batch_per_chunk);
     const int64_t width = s.num_groups * s.group_size;
-    first = begin;
-    first_offset = begin * width + group * s.group_size;
+    first = static_cast<int>(begin);
+    first_offset = static_cast<uint32_t>(begin * width + group * s.group_size + lane_column);
     step = num_warps;
-    step_offset = num_warps * width;
+    step_offset = static_cast<uint32_t>(num_warps * width);
     count = begin < end ? static_cast<int>((end - begin + num_warps - 1) / num_warps) : 0;
     rows = static_cast<int>(s.num_teacher + s.num_student);
   }
@@ -326,10 +383,31 @@ struct LaneRows {
   }
 };
 
+// Rows (Vt + Vs) the slice kernels take at most: each row's view travels in the kernel's
+// parameters (RowViews), so that a row's address is one constant-bank load and one
+// multiply-add, not a choice between the two tensors and 64-bit index arithmetic (about 20
+// instructions a row in the forward's SASS).
+constexpr int kSliceMaxRows = 64;
+
+// The first logit of each row's view: row r < Vt is teacher view r, row Vt + i student view i.
+struct RowViews {
+  const void* view[kSliceMaxRows];
+};
+
+template <typename X>
+RowViews row_views(const X* student, const X* teacher, const LossShape& s) {
+  RowViews rows{};
+  const int64_t stride = s.batch * s.num_groups * s.group_size;
+  for (int64_t r = 0; r < s.num_teacher + s.num_student; ++r) {
+    rows.view[r] = r < s.num_teacher ? teacher + r * stride : student + (r - s.num_teacher) * stride;
+  }
+  return rows;
+}
+
 // What a slice kernel's warp starts from: its lane and warp, its group and walk, the strides
 // of the logits and stats, and its rows of teacher probabilities q_j in shared memory (the
 // first [num_warps, Vt] rows of the kernel's LaneRows).
-template <int kElems>
+template <int kElems, typename X>
 struct SliceWarp {
   int lane, warp, num_warps, num_teacher;
   int64_t group, num_groups, stride_view;
@@ -347,7 +425,8 @@ struct SliceWarp {
         num_groups(s.num_groups),
         stride_view(s.batch * s.num_groups * s.group_size),
         slices(s.batch * s.num_groups),
-        walk(s, group, blockIdx.x % chunks, batch_per_chunk, warp, num_warps),
+        walk(s, group, blockIdx.x % chunks, batch_per_chunk, warp, num_warps,
+             lane * LaneRow<kElems, X>::kPiece),
         q{smem4 + warp * num_teacher * (kElems * kWarpSize / 4)} {}
 
   // Shared memory after the warps' q rows.
@@ -359,11 +438,9 @@ struct SliceWarp {
   __device__ __forceinline__ uint32_t view(int row) const {
     return is_teacher(row) ? row : row - num_teacher;
   }
-  // The logits of the walk's row `at`.
-  template <typename X>
-  __device__ __forceinline__ const X* logits(const X* student, const X* teacher,
-                                             const RowPos& at) const {
-    return (is_teacher(at.row) ? teacher : student) + view(at.row) * stride_view + at.offset;
+  // The lane's first logit of the walk's row `at`.
+  __device__ __forceinline__ const X* logits(const RowViews& rows, const RowPos& at) const {
+    return static_cast<const X*>(rows.view[at.row]) + at.offset;
   }
   // The offset of entry `index`'s (image, group) slice in a [N, B, G] output: N = Vs * Vt for
   // the agreements (index i * Vt + j), [V, B, G, 2] for the stats (twice the offset).
@@ -412,16 +489,19 @@ __device__ __forceinline__ float warp_sum_pair(float a, float b, int lane) {
 // a read and a write of kElems floats per row, which made shared memory the busiest unit of
 // the SM (v4 on the H200: L1/TEX 80 % busy, DRAM 33 %). At the end the warps' S_g are added
 // in warp order.
-template <int kElems, typename X>
+// kTeachers is Vt where it is known when compiling (2, the published recipe's global crops:
+// the student's dot products then need no loop), else 0 and Vt is read at run time.
+template <int kElems, typename X, int kTeachers>
 __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
-    forward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
-                         LossShape s, int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
+    forward_slice_kernel(const RowViews rows, LossShape s, int64_t chunks,
+                         int64_t batch_per_chunk, ForwardOut out) {
   using Row = LaneRow<kElems, X>;
   CARP_FAST_DYNAMIC_SHARED(float4, smem4);
   constexpr int64_t P = kElems * kWarpSize;
-  const SliceWarp<kElems> w(s, smem4, chunks, batch_per_chunk);
+  const SliceWarp<kElems, X> w(s, smem4, chunks, batch_per_chunk);
   const int lane = w.lane;
-  const int pairs = static_cast<int>(s.num_student) * w.num_teacher;
+  const int num_teacher = kTeachers > 0 ? kTeachers : w.num_teacher;
+  const int pairs = static_cast<int>(s.num_student) * num_teacher;
   float* total = reinterpret_cast<float*>(w.after_q(smem4));  // [P], the block's S_g
   float* stash_base = total + P + w.warp * ImageStash::floats(w.walk.rows, pairs);
   const ImageStash stash{reinterpret_cast<float2*>(stash_base), stash_base + 2 * w.walk.rows};
@@ -429,22 +509,18 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
 #pragma unroll
   for (int k = 0; k < kElems; ++k) prob_sum[k] = 0.0f;
 
-  auto load = [&](const RowPos& at, Row& slot) {
-    slot.load(w.logits(student, teacher, at), lane);
-  };
+  auto load = [&](const RowPos& at, Row& slot) { slot.load(w.logits(rows, at)); };
   auto use = [&](const RowPos& at, const Row& slot) {
+    const float m = warp_max_redux(lane_max(slot));
     float e[kElems];
 #pragma unroll
-    for (int k = 0; k < kElems; ++k) e[k] = slot.get(k);
-    const float m = warp_max_redux(tree_reduce(e, [](float a, float b) { return fmaxf(a, b); }));
-#pragma unroll
-    for (int k = 0; k < kElems; ++k) e[k] = exp_shifted(e[k], m);
+    for (int k = 0; k < kElems; ++k) e[k] = exp_shifted(slot.get(k), m);
     const float inv = 1.0f / warp_sum(tree_reduce(e, [](float a, float b) { return a + b; }));
 #pragma unroll
     for (int k = 0; k < kElems; ++k) prob_sum[k] = fmaf(e[k], inv, prob_sum[k]);
     if (lane == 0) stash.stats[at.row] = make_float2(m, inv);
 
-    if (w.is_teacher(at.row)) {
+    if (at.row < num_teacher) {
       w.q.put(at.row, lane, e, inv);
     } else {
       // dot(e, q_j) in four partial sums, one per float4 component: four short chains, not
@@ -461,13 +537,14 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
         }
         return (acc.x + acc.y) + (acc.z + acc.w);
       };
-      float* a_row = stash.agreement + (at.row - w.num_teacher) * w.num_teacher;
+      float* a_row = stash.agreement + (at.row - num_teacher) * num_teacher;
       int j = 0;
-      for (; j + 1 < w.num_teacher; j += 2) {
+#pragma unroll
+      for (; j + 1 < num_teacher; j += 2) {
         const float a = warp_sum_pair(dot(j), dot(j + 1), lane) * inv;
         if (lane % 16 == 0) a_row[j + lane / 16] = a;
       }
-      if (j < w.num_teacher) {
+      if (j < num_teacher) {
         const float a = warp_sum(dot(j)) * inv;
         if (lane == 0) a_row[j] = a;
       }
@@ -524,14 +601,13 @@ struct BackwardSlot {
 //                 dL/dx_c = p_c (dL/dp_c - s_i)          written once, 16 bytes per lane
 template <int kElems, typename X>
 __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
-    backward_slice_kernel(const X* __restrict__ student, const X* __restrict__ teacher,
-                          LossShape s, int64_t chunks, int64_t batch_per_chunk, BackwardIn in,
-                          X* __restrict__ grad_student) {
+    backward_slice_kernel(const RowViews rows, LossShape s, int64_t chunks,
+                          int64_t batch_per_chunk, BackwardIn in, X* __restrict__ grad_student) {
   using Row = LaneRow<kElems, X>;
   using Slot = BackwardSlot<kElems, X>;
   CARP_FAST_DYNAMIC_SHARED(float4, smem4);
   constexpr int64_t P = kElems * kWarpSize;
-  const SliceWarp<kElems> w(s, smem4, chunks, batch_per_chunk);
+  const SliceWarp<kElems, X> w(s, smem4, chunks, batch_per_chunk);
   const int lane = w.lane;
   // dL/dS_g, one row for the whole block (its warps share the group), in lane order.
   const LaneRows<kElems> grad_total{w.after_q(smem4)};
@@ -546,7 +622,7 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
   const float grad_per_term = *in.grad_consistency * in.inv_terms;
 
   auto load = [&](const RowPos& at, Slot& slot) {
-    slot.logits.load(w.logits(student, teacher, at), lane);
+    slot.logits.load(w.logits(rows, at));
     if (w.is_teacher(at.row)) {
       slot.stats = *reinterpret_cast<const float2*>(in.teacher_stats + w.stats_offset(at.row, at.image));
       slot.agreement = 0.0f;
@@ -593,7 +669,7 @@ __global__ void __launch_bounds__(kSliceWarps* kWarpSize)
     for (int k = 0; k < kElems; ++k) d[k] = p[k] * (d[k] - dot);
     Row grad;
     grad.set_all(d);
-    grad.store(grad_student + static_cast<uint32_t>(i) * w.stride_view + at.offset, lane);
+    grad.store(grad_student + static_cast<int64_t>(i) * w.stride_view + at.offset);
   };
   for_each_prefetched<slice_ring_depth<kElems, X>(), Slot>(w.walk, load, use);
 }
@@ -623,6 +699,24 @@ SliceGrid slice_grid(const LossShape& s) {
   const int64_t per_block = kSliceWarps * per_warp;
   const int64_t chunks = (s.batch + per_block - 1) / per_block;
   return {chunks, (s.batch + chunks - 1) / chunks};
+}
+
+// Whether the slice kernels' indexing holds for a shape: lane j for a_ij (Vt <= 32), every
+// row's view in the parameters (RowViews), and a view's logits counted in 32 bits (RowPos).
+bool slice_shape_fits(const LossShape& s) {
+  return s.num_teacher <= kWarpSize && s.num_teacher + s.num_student <= kSliceMaxRows &&
+         s.batch * s.num_groups * s.group_size <= INT32_MAX;
+}
+
+// Calls f(std::integral_constant<int, Vt>{}) where the slice forward is compiled for the
+// shape's Vt (2), else f(std::integral_constant<int, 0>{}): Vt read at run time.
+template <typename F>
+void with_slice_teachers(int64_t num_teacher, F&& f) {
+  if (num_teacher == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 0>{});
+  }
 }
 
 // Dynamic shared memory of the slice forward: per warp q [Vt, P] and its ImageStash; the

@@ -25,7 +25,9 @@ LossShape slice_shape(const at::Tensor& student, const at::Tensor& teacher, int6
   LossShape s{student.size(0), teacher.size(0), student.size(1), student.size(2) / group_size,
               group_size};
   TORCH_CHECK(with_warp_elems(group_size, [](auto) {}), "the slice kernels take P = 128 ... 1024");
-  TORCH_CHECK(s.num_teacher <= kWarpSize, "the slice kernels take at most 32 teacher views");
+  TORCH_CHECK(slice_shape_fits(s),
+              "the slice kernels take at most 32 teacher views, 64 views in all and 2^31 logits "
+              "a view");
   return s;
 }
 
@@ -64,9 +66,12 @@ std::vector<at::Tensor> forward(const at::Tensor& student, const at::Tensor& tea
   launch_slice(s, student.scalar_type(), slice_forward_shared_bytes(s),
                [&](auto tag, auto elems, const SliceGrid& grid) {
                  using X = decltype(tag);
-                 forward_slice_kernel<decltype(elems)::value, X>(
-                     student.const_data_ptr<X>(), teacher.const_data_ptr<X>(), s, grid.chunks,
-                     grid.batch_per_chunk, out);
+                 const RowViews rows =
+                     row_views(student.const_data_ptr<X>(), teacher.const_data_ptr<X>(), s);
+                 with_slice_teachers(s.num_teacher, [&](auto teachers) {
+                   forward_slice_kernel<decltype(elems)::value, X, decltype(teachers)::value>(
+                       rows, s, grid.chunks, grid.batch_per_chunk, out);
+                 });
                });
   at::Tensor prob_sum = partial[0].clone();
   for (int64_t k = 1; k < chunks; ++k) prob_sum += partial[k];
@@ -85,8 +90,8 @@ at::Tensor backward(const at::Tensor& grad_consistency, const at::Tensor& grad_p
                [&](auto tag, auto elems, const SliceGrid& grid) {
                  using X = decltype(tag);
                  backward_slice_kernel<decltype(elems)::value, X>(
-                     student.const_data_ptr<X>(), teacher.const_data_ptr<X>(), s, grid.chunks,
-                     grid.batch_per_chunk, in, grad_student.data_ptr<X>());
+                     row_views(student.const_data_ptr<X>(), teacher.const_data_ptr<X>(), s), s,
+                     grid.chunks, grid.batch_per_chunk, in, grad_student.data_ptr<X>());
                });
   return grad_student;
 }
