@@ -70,6 +70,21 @@ def test_report_lists_a_json_it_cannot_render():
     assert "`mystery.json`" in report.table([("mystery.json", {"anything": 1})])
 
 
+def test_loss_row_shows_only_the_formulations_a_record_timed():
+    report = load_tool("performance_report")
+    record = {"shape": {"views_student": 8, "views_teacher": 2, "batch": 256, "prototypes": 65536,
+                        "group_size": 512},
+              "dtype": "bf16", "device": "cuda", "torch_threads": 16,
+              "median_ms": {"published": 40.0, "compiled": 4.0, "fused": 2.0},
+              "peak_extra_memory_mib": {"published": 2000.0, "compiled": 1800.0, "fused": 250.0},
+              "student_grad_mib": 256.0,
+              "ratios": {"published_time_over_fused": 20.0, "compiled_time_over_fused": 2.0}}
+    _, result = report.loss_row("loss.json", record)
+    assert "reference" not in result
+    assert "compiled 4.0 ms (2.0×), published 40.0 ms (20.0×)" in result
+    assert "250.0 vs 2,000.0 MiB for the published (0.125;" in result
+
+
 def test_readme_results_and_chart_are_current():
     done = subprocess.run([sys.executable, "tools/performance_report.py", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
