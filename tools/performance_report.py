@@ -61,9 +61,9 @@ def loss_row(name: str, r: dict) -> list[str]:
     what = (f"CARP loss fwd+bwd, {r['dtype']}, {r['device']}, Vs={s['views_student']} Vt={s['views_teacher']} "
             f"B={s['batch']} K={s['prototypes']:,} P={s['group_size']}, {r.get('torch_threads', '?')} thread(s)")
     # A record may time only some of the formulations (a short rerun on a GPU machine).
-    compared = [(impl, f"{_num(ms[impl])} ms ({ratios[f'{impl}_time_over_fused']:.1f}×)")
-                for impl in ("reference", "compiled", "published") if impl in ms]
-    result = f"fused {_num(ms['fused'])} ms vs " + ", ".join(f"{impl} {shown}" for impl, shown in compared)
+    others = [f"{impl} {_num(ms[impl])} ms ({ratios[f'{impl}_time_over_fused']:.1f}×)"
+              for impl in ("reference", "compiled", "published") if impl in ms]
+    result = f"fused {_num(ms['fused'])} ms" + (" vs " + ", ".join(others) if others else "")
     against = next((impl for impl in ("reference", "published") if mib.get(impl)), None)
     if mib.get("fused") is not None and against:
         result += (f"; peak extra memory {_num(mib['fused'])} vs {_num(mib[against])} MiB for the "
