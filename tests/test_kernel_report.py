@@ -58,6 +58,37 @@ def test_parse_sass_counts_instructions_opcodes_and_the_path_before_the_last_exi
     assert counts["_Z3twoPf"] == {"instructions": 1, "before_last_exit": 1, "opcodes": {"EXIT": 1}}
 
 
+STEPS = [
+    "LDC R1, c[0x0][0x28]",
+    "REDUX.MAX.S32 UR8, R61",
+    "MOV R2, UR8",
+    "@!P0 LDG.E.128 R28, desc[UR4][R60.64]",
+    "REDUX.MAX.S32 UR8, R62",
+    "FADD R2, R2, R3",
+    "FADD R2, R2, R4",
+    "@P1 REDUX.MAX.S32 UR8, R63",
+    "EXIT",
+]
+
+
+def test_walk_steps_cuts_the_code_at_a_marker_opcode():
+    steps = kernel_report.walk_steps(STEPS, "REDUX")
+    assert [step["instructions"] for step in steps] == [3, 3]  # before the first, after the last: out
+    assert steps[0]["opcodes"] == {"REDUX": 1, "MOV": 1, "LDG": 1}
+    assert steps[1]["opcodes"] == {"FADD": 2, "REDUX": 1}
+    # a prefix with modifiers, the predicate ignored; every second marker starts a step
+    assert [s["instructions"] for s in kernel_report.walk_steps(STEPS, "REDUX.MAX", every=2)] == [6]
+    assert kernel_report.walk_steps(STEPS, "LDG.E.128") == []  # one marker: no whole step
+    assert kernel_report.walk_steps(STEPS, "RED.") == []  # a prefix of the full opcode, not a substring
+
+
+def test_parse_sass_counts_steps_before_the_last_exit_only():
+    counts = kernel_report.parse_sass(SASS, step_marker="BRA")
+    # _Z3onePf: BRA at 1 and (after the last EXIT, so left out) at 5: no whole step before it
+    assert counts["_Z3onePf"]["steps"] == []
+    assert "steps" not in kernel_report.parse_sass(SASS)["_Z3onePf"]
+
+
 @pytest.mark.skipif(shutil.which("c++filt") is None, reason="no c++filt (binutils) on this machine")
 def test_demangle_drops_namespaces_and_parameters():
     # void carp_fast::(anonymous namespace)::slice<16, c10::BFloat16>(float*)
@@ -90,6 +121,20 @@ def test_main_refuses_a_missing_source(tmp_path, capsys):
     with pytest.raises(SystemExit):
         kernel_report.main(["--source", str(tmp_path / "missing.cu")])
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_main_refuses_a_step_every_below_one(capsys):
+    with pytest.raises(SystemExit):
+        kernel_report.main(["--steps", "REDUX", "--step-every", "0"])
+    assert "--step-every must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_main_refuses_steps_without_cuobjdump(monkeypatch, capsys):
+    monkeypatch.setattr(kernel_report, "find_cuobjdump", lambda given: None)
+    monkeypatch.setattr(kernel_report.shutil, "which", lambda name: "/usr/bin/" + name)
+    with pytest.raises(SystemExit):
+        kernel_report.main(["--steps", "REDUX"])
+    assert "--steps reads the SASS: it needs cuobjdump" in capsys.readouterr().err
 
 
 def test_checkout_csrc_unpacks_a_commits_sources(tmp_path):

@@ -13,6 +13,12 @@ slow paths of divergent shuffles, rarely run) and per opcode.
 
 Static counts are not the instructions a row executes (loops, branches), but they move with
 them: benchmarks/experiments/README.md follows one row's path through the SASS by hand.
+--steps cuts each kernel's code before its last EXIT into the unrolled steps of a loop, at an
+instruction that a step issues once (REDUX for a slice forward's row max; STG.E.128 with
+--step-every 2 for a slice backward's two gradient stores at P = 512 in bf16), and counts
+each step's instructions and opcodes:
+
+    python tools/kernel_report.py --kernels 'forward_slice_kernel<16, BFloat16, 2>' --steps REDUX
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import itertools
 import json
 import os
 import re
@@ -82,8 +89,33 @@ def parse_ptxas(text: str) -> dict[str, dict]:
     return kernels
 
 
-def parse_sass(text: str) -> dict[str, dict]:
-    """cuobjdump -sass output to {mangled kernel: {instructions, before_last_exit, opcodes}}."""
+def full_opcode(instruction: str) -> str:
+    """The opcode with its modifiers ("REDUX.MAX.S32"), the predicate dropped."""
+    words = [w for w in instruction.split() if not w.startswith("@")]
+    return words[0] if words else "?"
+
+
+def opcode_counts(instructions: list[str]) -> dict[str, int]:
+    """Instructions per opcode without modifiers, most frequent first."""
+    counts = collections.Counter(full_opcode(i).split(".")[0] for i in instructions)
+    return dict(counts.most_common())
+
+
+def walk_steps(instructions: list[str], marker: str, every: int = 1) -> list[dict]:
+    """The stretches of code from one step marker to the next: every `every`-th instruction
+    whose opcode (with modifiers) starts with `marker` starts a step; the code before the first
+    and from the last on is left out. Each step: {instructions, opcodes}."""
+    starts = [i for i, text in enumerate(instructions) if full_opcode(text).startswith(marker)]
+    starts = starts[::every]
+    return [
+        {"instructions": end - begin, "opcodes": opcode_counts(instructions[begin:end])}
+        for begin, end in itertools.pairwise(starts)
+    ]
+
+
+def parse_sass(text: str, step_marker: str | None = None, step_every: int = 1) -> dict[str, dict]:
+    """cuobjdump -sass output to {mangled kernel: {instructions, before_last_exit, opcodes}},
+    and `steps` (walk_steps over the code before the last EXIT) where step_marker is given."""
     bodies: dict[str, list[str]] = {}
     body = None
     for line in text.splitlines():
@@ -93,19 +125,17 @@ def parse_sass(text: str) -> dict[str, dict]:
             body.append(instruction["text"].strip())
     counts = {}
     for name, instructions in bodies.items():
-        opcodes = collections.Counter()
         last_exit = 0
         for index, instruction in enumerate(instructions):
-            words = [w for w in instruction.split() if not w.startswith("@")]  # drop the predicate
-            opcode = words[0].split(".")[0] if words else "?"
-            opcodes[opcode] += 1
-            if opcode == "EXIT":
+            if full_opcode(instruction).split(".")[0] == "EXIT":
                 last_exit = index + 1
         counts[name] = {
             "instructions": len(instructions),
             "before_last_exit": last_exit,
-            "opcodes": dict(opcodes.most_common()),
+            "opcodes": opcode_counts(instructions),
         }
+        if step_marker:
+            counts[name]["steps"] = walk_steps(instructions[:last_exit], step_marker, step_every)
     return counts
 
 
@@ -157,7 +187,15 @@ def compile_object(source: Path, arch: str, nvcc: str, out_dir: Path) -> tuple[P
     return obj, done.stderr
 
 
-def report(source: Path, arch: str, nvcc: str, cuobjdump: str | None, kernels: str | None) -> dict:
+def report(
+    source: Path,
+    arch: str,
+    nvcc: str,
+    cuobjdump: str | None,
+    kernels: str | None,
+    step_marker: str | None = None,
+    step_every: int = 1,
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         obj, ptxas = compile_object(source, arch, nvcc, Path(tmp))
         resources = parse_ptxas(ptxas)
@@ -168,7 +206,7 @@ def report(source: Path, arch: str, nvcc: str, cuobjdump: str | None, kernels: s
             )
             if dump.returncode != 0:
                 raise SystemExit(f"cuobjdump failed ({dump.returncode}): {dump.stderr[-2000:]}")
-            sass = parse_sass(dump.stdout)
+            sass = parse_sass(dump.stdout, step_marker, step_every)
     names = demangle(sorted(set(resources) | set(sass)))
     rows = {}
     for mangled, name in sorted(names.items(), key=lambda item: item[1]):
@@ -212,11 +250,24 @@ def main(argv: list[str] | None = None) -> int:
         "--cuobjdump", help="cuobjdump to count SASS with (default: PATH or the nvidia wheel)"
     )
     parser.add_argument("--kernels", help="regular expression on the readable kernel names to keep")
+    parser.add_argument(
+        "--steps",
+        metavar="OPCODE",
+        help="cut each kernel into loop steps at this opcode (with modifiers, a prefix) and count them",
+    )
+    parser.add_argument(
+        "--step-every",
+        type=int,
+        default=1,
+        help="a step starts at every n-th --steps instruction (default 1)",
+    )
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
 
     if not args.source.is_file():
         parser.error(f"--source {args.source} does not exist")
+    if args.step_every < 1:
+        parser.error(f"--step-every must be at least 1, got {args.step_every}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.rev:
             source, commit = checkout_csrc(args.rev, Path(tmp))
@@ -225,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(args.nvcc) is None:
             parser.error(f"nvcc not found ({args.nvcc}); install the CUDA toolkit or pass --nvcc")
         cuobjdump = find_cuobjdump(args.cuobjdump)
-        rows = report(source, args.arch, args.nvcc, cuobjdump, args.kernels)
+        if args.steps and not cuobjdump:
+            parser.error("--steps reads the SASS: it needs cuobjdump (--cuobjdump)")
+        rows = report(
+            source, args.arch, args.nvcc, cuobjdump, args.kernels, args.steps, args.step_every
+        )
     if not rows:
         raise SystemExit(f"no kernel of {args.source} matched --kernels {args.kernels!r}")
     for name, row in rows.items():
@@ -234,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{name:60s} regs {row.get('registers', '?'):>3}  spills {spills:>3} B  "
             f"sass {row.get('before_last_exit', '-')}/{row.get('instructions', '-')}"
         )
+        if args.steps:
+            sizes = [str(step["instructions"]) for step in row.get("steps", [])]
+            print(f"    steps at {args.steps}: {' '.join(sizes) or 'none found'}")
     if not cuobjdump:
         print(
             "no cuobjdump: registers and spills only (pip download nvidia-cuda-cuobjdump, unpack, --cuobjdump)"
