@@ -95,10 +95,14 @@ def full_opcode(instruction: str) -> str:
     return words[0] if words else "?"
 
 
+def opcode(instruction: str) -> str:
+    """The opcode without its modifiers ("REDUX")."""
+    return full_opcode(instruction).split(".")[0]
+
+
 def opcode_counts(instructions: list[str]) -> dict[str, int]:
     """Instructions per opcode without modifiers, most frequent first."""
-    counts = collections.Counter(full_opcode(i).split(".")[0] for i in instructions)
-    return dict(counts.most_common())
+    return dict(collections.Counter(map(opcode, instructions)).most_common())
 
 
 def walk_steps(instructions: list[str], marker: str, every: int = 1) -> list[dict]:
@@ -127,7 +131,7 @@ def parse_sass(text: str, step_marker: str | None = None, step_every: int = 1) -
     for name, instructions in bodies.items():
         last_exit = 0
         for index, instruction in enumerate(instructions):
-            if full_opcode(instruction).split(".")[0] == "EXIT":
+            if opcode(instruction) == "EXIT":
                 last_exit = index + 1
         counts[name] = {
             "instructions": len(instructions),
