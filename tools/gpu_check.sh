@@ -17,7 +17,10 @@
 #       # (give the sha itself: $(git rev-parse HEAD) run on such a machine reads its stale .git)
 #   PROFILE=0 SLICE_IMAGES=1,2,4,8 NCU=1 TESTS_K=fused bash tools/gpu_check.sh
 #       # the loss kernels only: no step profile, the slice kernels' images per warp swept,
-#       # and Nsight Compute's view of one forward and one backward launch (ncu.txt)
+#       # and Nsight Compute's view of one forward and one backward launch (ncu.txt: the
+#       # sections, then why the warps wait: stall reasons, pipe use, and the SASS
+#       # instructions that drew the most stall samples, by tools/ncu_stalls.py; the first part took
+#       # 15 s on an H100, the second has not yet run on a GPU)
 #   AB=1 PROFILE=0 bash tools/gpu_check.sh
 #       # also times the versions of csrc/ that `python tools/kernel_ab.py prepare ...` put
 #       # in .ab/ (carry it: the device tool's carry [".ab"]) against each other: about 90 s
@@ -128,12 +131,34 @@ run_stage "loss at B=256, bf16: $LOSS_IMPLS" 120 \
   --impls "$LOSS_IMPLS" --slice-images "$SLICE_IMAGES" --json "$OUT/loss_cuda_bf16.json"
 
 if ((NCU)); then
+  # --clock-control none: the card's clocks stay as found (ncu's default locks them to base
+  # while it profiles, which this workplace's machines forbid; runs before 2026-11-28 did it).
+  NCU_ARGS=(ncu --clock-control none --launch-count 2 -k "regex:(forward|backward)_(slice_|warp_)?kernel")
+  NCU_BENCH=(python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 1 --warmup 1 --impls fused)
   run_stage "ncu: the first forward and backward kernel launches of the fused loss" 120 \
-    ncu --launch-count 2 -k "regex:(forward|backward)_(slice_|warp_)?kernel" --section SpeedOfLight \
-    --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
-    --section WarpStateStats --section SchedulerStats \
-    python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 1 --warmup 1 \
-    --impls fused > "$OUT/ncu.txt"
+    "${NCU_ARGS[@]}" --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+    --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    "${NCU_BENCH[@]}" > "$OUT/ncu.txt"
+  # Why the warps wait, as a second pass so that a metric this ncu lacks costs only this part:
+  # the stall reasons and pipe use of the whole kernel, then PC sampling per SASS instruction
+  # (SourceCounters), summarised by tools/ncu_stalls.py; all appended to ncu.txt.
+  STALL_METRICS=$(printf 'smsp__average_warps_issue_stalled_%s_per_issue_active.ratio,' \
+    barrier branch_resolving dispatch_stall drain imc_miss lg_throttle long_scoreboard \
+    math_pipe_throttle membar mio_throttle misc no_instruction not_selected selected \
+    short_scoreboard sleeping tex_throttle wait)
+  PIPE_METRICS=$(printf 'sm__inst_executed_pipe_%s.avg.pct_of_peak_sustained_active,' alu fma xu lsu adu cbu uniform)
+  NCU_REPORT=${TMPDIR:-/tmp}/carp_fast_ncu_stalls
+  rm -f "$NCU_REPORT.ncu-rep" "$NCU_REPORT.csv"
+  run_stage "ncu: stall reasons, pipe use and stall samples per SASS instruction" 150 \
+    "${NCU_ARGS[@]}" --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters \
+    --metrics "${STALL_METRICS}${PIPE_METRICS%,}" --export "$NCU_REPORT" --force-overwrite \
+    "${NCU_BENCH[@]}" > /dev/null
+  if [[ -f $NCU_REPORT.ncu-rep ]]; then
+    { echo "== ncu: stall reasons and pipe use"; ncu --import "$NCU_REPORT.ncu-rep"; } >> "$OUT/ncu.txt" 2>&1
+    ncu --import "$NCU_REPORT.ncu-rep" --page source --csv --print-source sass > "$NCU_REPORT.csv" 2>> "$LOG"
+    { echo "== ncu: stall samples per SASS instruction (tools/ncu_stalls.py)"; python tools/ncu_stalls.py "$NCU_REPORT.csv"; } \
+      >> "$OUT/ncu.txt" 2>&1
+  fi
 fi
 
 if ((AB && !AB_ADOPT)); then
