@@ -60,6 +60,7 @@ def _logits(views, batch, groups, group_size, dtype, scale):
 # (Vs, Vt, B, G, P, dtype, CARP_FAST_CUDA_SLICE_IMAGES, logit scale)
 SHAPES = [
     pytest.param(8, 2, 3, 2, 512, torch.bfloat16, None, 3.0, id="published-views-bf16-idle-warp"),
+    pytest.param(8, 2, 11, 2, 512, torch.float16, "3", 3.0, id="published-views-fp16-images-in-turn"),
     pytest.param(3, 2, 5, 3, 128, torch.float32, None, 3.0, id="uneven-images-per-warp"),
     pytest.param(2, 3, 13, 1, 256, torch.float16, "3", 3.0, id="odd-teachers-two-chunks-fp16"),
     pytest.param(4, 1, 9, 2, 1024, torch.float32, "1", 3.0, id="one-teacher-one-image-per-warp"),
