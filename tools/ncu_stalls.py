@@ -56,9 +56,15 @@ def parse_source_page(text: str) -> list[dict]:
     rows = list(csv.reader(io.StringIO(text)))
     kernels: list[dict] = []
     header: list[str] | None = None
+    reason_columns: dict[str, str] = {}  # header column -> the stall reason it counts
     for index, row in enumerate(rows):
         if "Source" in row and ALL_SAMPLES in row:
             header = row
+            reason_columns = {
+                column: reason
+                for column in header
+                if (reason := reason_name(column)) is not None
+            }
             before = rows[index - 1] if index > 0 else []
             named = [cell.strip() for cell in before if cell.strip()]
             is_instruction = bool(named) and named[0].startswith("0x")
@@ -80,9 +86,9 @@ def parse_source_page(text: str) -> list[dict]:
                 "source": cells["Source"].strip(),
                 "samples": count(cells[ALL_SAMPLES]),
                 "reasons": {
-                    reason: count(value)
-                    for column, value in cells.items()
-                    if (reason := reason_name(column)) is not None and count(value) > 0
+                    reason: samples
+                    for column, reason in reason_columns.items()
+                    if (samples := count(cells[column])) > 0
                 },
             }
         )
