@@ -94,6 +94,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["carp_fast", "carp_fast.*"]),
+    # The recipes, found by name (--cfg fast_400ep.yaml) from any working directory.
+    package_data={"carp_fast": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

@@ -20,11 +20,40 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The recipes ship inside the package (package data), so a name resolves after any install.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
     """A config file or override that names an unknown key or holds an invalid value."""
+
+
+@dataclass
+class FFCVConfig:
+    """``data.ffcv``: how the FFCV backend reads its .beton file."""
+
+    os_cache: bool = True
+    """Read the .beton through the OS page cache (false: FFCV's own process cache, for datasets larger than RAM, with quasi_random order)."""
+    order: Literal["random", "quasi_random"] = "random"
+    """Sample order; quasi_random reads in page-sized runs for datasets larger than RAM."""
+
+
+@dataclass
+class DALIConfig:
+    """``data.dali``: the DALI backend's nvJPEG decoder."""
+
+    hw_decoder_load: float = 0.65
+    """Share of JPEG decoding sent to the hardware decoder (A100/H100), the rest to CUDA."""
+    device_memory_padding: int = 211025920
+    """Bytes of nvJPEG device memory pre-allocated to avoid regrowth."""
+    host_memory_padding: int = 140544512
+    """Bytes of nvJPEG pinned host memory pre-allocated to avoid regrowth."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise ConfigError("data.dali.hw_decoder_load must be in [0, 1]")
+        _non_negative(self, "device_memory_padding")
+        _non_negative(self, "host_memory_padding")
 
 
 @dataclass
@@ -45,25 +74,15 @@ class DataConfig:
     """Batches each worker prepares ahead (FFCV: batches prepared ahead in all)."""
     generate_demo: bool = False
     """Generate the embedded demo dataset at `path` if it does not exist yet."""
-    ffcv_os_cache: bool = True
-    """FFCV: read the .beton through the OS page cache (false: FFCV's own process cache, for datasets larger than RAM use with quasi_random order)."""
-    ffcv_order: Literal["random", "quasi_random"] = "random"
-    """FFCV: sample order; quasi_random reads in page-sized runs for datasets larger than RAM."""
-    dali_hw_decoder_load: float = 0.65
-    """DALI: share of JPEG decoding sent to the hardware decoder (A100/H100), the rest to CUDA."""
-    dali_device_memory_padding: int = 211025920
-    """DALI: bytes of nvJPEG device memory pre-allocated to avoid regrowth."""
-    dali_host_memory_padding: int = 140544512
-    """DALI: bytes of nvJPEG pinned host memory pre-allocated to avoid regrowth."""
+    ffcv: FFCVConfig = field(default_factory=lambda: FFCVConfig())
+    """Settings of the FFCV backend."""
+    dali: DALIConfig = field(default_factory=lambda: DALIConfig())
+    """Settings of the DALI backend."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")
         _non_negative(self, "num_workers")
         _positive(self, "prefetch_factor")
-        if not 0 <= self.dali_hw_decoder_load <= 1:
-            raise ConfigError("data.dali_hw_decoder_load must be in [0, 1]")
-        _non_negative(self, "dali_device_memory_padding")
-        _non_negative(self, "dali_host_memory_padding")
         if not self.path:
             raise ConfigError("data.path must name the training data")
         if self.generate_demo and self.backend == "ffcv":
@@ -130,8 +149,6 @@ class ModelConfig:
     """Zero-init the last BatchNorm of every residual branch."""
     sync_bn: Literal["all", "head", "none"] = "all"
     """SyncBatchNorm under multi-GPU DDP: everywhere (published), only in the head, or none. Ignored on CPU."""
-    channels_last: bool = True
-    """Run the backbone in channels-last memory format."""
     init_weights: Optional[str] = None
     """Warm start: a carp_fast or published CARP checkpoint whose student and teacher weights initialise this run (null: random init). Ignored when resuming."""
 
@@ -253,10 +270,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """The loop: length, precision, logging, checkpoints."""
 
-    def __post_init__(self) -> None:
-        if self.model.num_prototypes // self.model.partition_size < 1:
-            raise ConfigError("model.num_prototypes must hold at least one partition group")
-
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
 
@@ -273,11 +286,19 @@ def _non_negative(obj: Any, name: str) -> None:
         )
 
 
-def _section_of(obj: Any) -> str:
-    for section in dataclasses.fields(Config):
-        if _type_hints(Config)[section.name] is type(obj):
-            return section.name
-    return type(obj).__name__
+def _section_of(obj: Any, cls: type | None = None, prefix: str = "") -> str:
+    """The dotted name of the config section ``obj`` is an instance of (``data.dali``)."""
+    cls = cls or Config
+    for section in dataclasses.fields(cls):
+        hint = _type_hints(cls)[section.name]
+        if not dataclasses.is_dataclass(hint):
+            continue
+        if hint is type(obj):
+            return f"{prefix}{section.name}"
+        found = _section_of(obj, hint, f"{prefix}{section.name}.")
+        if found:
+            return found
+    return "" if prefix else type(obj).__name__
 
 
 def _to_plain(value: Any) -> Any:
@@ -341,7 +362,7 @@ def _unknown_key(key: str, valid: list[str]) -> ConfigError:
     leaf = key.rsplit(".", 1)[-1]
     prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {prefix}{close[0]!r}?" if close else ""
+    hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
     return ConfigError(f"unknown config key {key!r}{hint} (valid: {', '.join(valid)})")
 
 
@@ -369,7 +390,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 
 def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A path as given when it exists, else the file of that name in configs/."""
+    """A path as given when it exists, else the recipe of that name shipped in carp_fast/configs/."""
     path = Path(name_or_path)
     if path.is_file():
         return path
@@ -427,7 +448,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
 
 
 def load_config(name_or_path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a recipe (a path, or a name in configs/), apply dotted overrides, validate.
+    """Load a recipe (a path, or a recipe name in carp_fast/configs/), apply dotted overrides, validate.
 
     ``None`` starts from the defaults. Raises :class:`ConfigError` on any unknown key or
     invalid value, naming it.

@@ -3,7 +3,7 @@
 The extension registers two operators under ``torch.ops.carp_fast`` (maths in
 csrc/partition_softmax.h):
 
-* ``partition_softmax_forward(student, teacher, group_size)`` returns the consistency
+* ``partition_softmax_forward(student, teacher, partition_size)`` returns the consistency
   term, the agreements ``<p_i, q_j>`` ``[Vs, Vt, B, G]`` and per-slice softmax stats (both
   kept for the backward), and the per-group probability sum ``[G, P]``. No tensor of the
   logits' size is ever built.
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from carp_fast import distributed
-from carp_fast.loss import _check_logits, entropy_from_sum, global_probability_sum
+from carp_fast.loss_terms import check_logits, entropy_from_sum, global_probability_sum
 
 BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
@@ -64,17 +64,17 @@ def supports_device(device: torch.device | str) -> bool:
 if is_available():
 
     @torch.library.register_fake("carp_fast::partition_softmax_forward")
-    def _forward_fake(student: torch.Tensor, teacher: torch.Tensor, group_size: int):
+    def _forward_fake(student: torch.Tensor, teacher: torch.Tensor, partition_size: int):
         num_student, batch, width = student.shape
         num_teacher = teacher.shape[0]
-        num_groups = width // group_size
+        num_groups = width // partition_size
         f32 = {"dtype": torch.float32, "device": student.device}
         return (
             student.new_empty((), **f32),
             student.new_empty((num_student, num_teacher, batch, num_groups), **f32),
             student.new_empty((num_student, batch, num_groups, 2), **f32),
             student.new_empty((num_teacher, batch, num_groups, 2), **f32),
-            student.new_empty((num_groups, group_size), **f32),
+            student.new_empty((num_groups, partition_size), **f32),
         )
 
     @torch.library.register_fake("carp_fast::partition_softmax_backward")
@@ -86,15 +86,15 @@ if is_available():
         agreement: torch.Tensor,
         student_stats: torch.Tensor,
         teacher_stats: torch.Tensor,
-        group_size: int,
+        partition_size: int,
     ) -> torch.Tensor:
         return torch.empty_like(student)
 
     def _setup_context(ctx, inputs, output) -> None:
-        student, teacher, group_size = inputs
+        student, teacher, partition_size = inputs
         _, agreement, student_stats, teacher_stats, _ = output
         ctx.save_for_backward(student, teacher, agreement, student_stats, teacher_stats)
-        ctx.group_size = group_size
+        ctx.partition_size = partition_size
         ctx.mark_non_differentiable(agreement, student_stats, teacher_stats)
 
     def _backward(ctx, grad_consistency, _agreement, _s_stats, _t_stats, grad_prob_sum):
@@ -104,7 +104,7 @@ if is_available():
         if grad_consistency is None:
             grad_consistency = agreement.new_zeros(())
         if grad_prob_sum is None:
-            grad_prob_sum = agreement.new_zeros((agreement.shape[-1], ctx.group_size))
+            grad_prob_sum = agreement.new_zeros((agreement.shape[-1], ctx.partition_size))
         # Upstream gradients may arrive expanded (stride 0) or in another dtype; the
         # kernels take dense fp32 (no copy when they already are).
         grad_student = torch.ops.carp_fast.partition_softmax_backward(
@@ -115,7 +115,7 @@ if is_available():
             agreement,
             student_stats,
             teacher_stats,
-            ctx.group_size,
+            ctx.partition_size,
         )
         # The teacher is a target: no gradient, as in the reference (detached there).
         return grad_student, None, None
@@ -126,7 +126,7 @@ if is_available():
 
 
 def fused_carp_loss(
-    student: torch.Tensor, teacher: torch.Tensor, group_size: int
+    student: torch.Tensor, teacher: torch.Tensor, partition_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(consistency, entropy)`` as fp32 scalars, the same function as ``reference_carp_loss``.
 
@@ -142,13 +142,13 @@ def fused_carp_loss(
             "CUDA when built with nvcc and a CUDA build of torch: "
             "`pip install --no-build-isolation -e .`)"
         )
-    _check_logits(student, teacher, group_size)
+    check_logits(student, teacher, partition_size)
     num_student, batch, _ = student.shape
     num_teacher = teacher.shape[0]
 
     consistency, _, _, _, local_sum = torch.ops.carp_fast.partition_softmax_forward(
-        student.contiguous(), teacher.detach().contiguous(), group_size
+        student.contiguous(), teacher.detach().contiguous(), partition_size
     )
     rows = (num_student + num_teacher) * batch * distributed.world_size()
-    entropy = entropy_from_sum(global_probability_sum(local_sum), rows, group_size)
+    entropy = entropy_from_sum(global_probability_sum(local_sum), rows, partition_size)
     return consistency, entropy

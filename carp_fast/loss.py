@@ -24,102 +24,44 @@ import warnings
 
 import torch
 
-from carp_fast import distributed
-
-EPS = torch.finfo(torch.float32).eps
+from carp_fast import distributed, fused_loss
+from carp_fast.loss_terms import EPS, check_logits, entropy_from_sum, global_probability_sum
 
 IMPLEMENTATIONS = ("auto", "reference", "fused")
 
 
-def draw_partition(num_prototypes: int, group_size: int, seed: int, step: int) -> torch.Tensor:
+def draw_partition(num_prototypes: int, partition_size: int, seed: int, step: int) -> torch.Tensor:
     """Random partition of the prototypes for one step, as a LongTensor ``[G, P]`` on CPU.
 
-    ``G = num_prototypes // group_size``; when ``group_size`` does not divide
+    ``G = num_prototypes // partition_size``; when ``partition_size`` does not divide
     ``num_prototypes`` the left-over prototypes sit out this step (as in the published
     draw of ``G * P`` indices without replacement). The draw is a pure function of its
     arguments, so every rank derives the same partition without a broadcast.
     """
-    if group_size < 1 or num_prototypes < group_size:
+    if partition_size < 1 or num_prototypes < partition_size:
         raise ValueError(
-            f"cannot cut {num_prototypes} prototypes into groups of {group_size}: "
-            "need 1 <= group_size <= num_prototypes"
+            f"cannot cut {num_prototypes} prototypes into groups of {partition_size}: "
+            "need 1 <= partition_size <= num_prototypes"
         )
     # Hash (seed, step) so that neighbouring steps and seeds get unrelated streams.
     digest = hashlib.blake2b(f"carp-partition:{seed}:{step}".encode(), digest_size=8).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-    num_groups = num_prototypes // group_size
+    num_groups = num_prototypes // partition_size
     order = torch.randperm(num_prototypes, generator=generator)
-    return order[: num_groups * group_size].view(num_groups, group_size)
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks whose backward hands each rank ``world_size`` times its gradient.
-
-    Every rank computes the same entropy from the same reduced sum, so the upstream
-    gradient is identical on all ranks and the true gradient of the sum (an all-reduce of
-    the upstream gradients) is ``world_size * grad``: no second collective is needed. DDP
-    then divides by ``world_size``, which leaves exactly the single-process gradient of
-    the global-batch entropy.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        ctx.world_size = distributed.world_size()
-        reduced = tensor.clone()
-        distributed.all_reduce_sum(reduced)
-        return reduced
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad * ctx.world_size
-
-
-def global_probability_sum(local_sum: torch.Tensor) -> torch.Tensor:
-    """All-reduce a ``[G, P]`` probability sum over ranks, differentiably (identity alone)."""
-    if distributed.world_size() == 1:
-        return local_sum
-    return _AllReduceSum.apply(local_sum)
-
-
-def _check_logits(student: torch.Tensor, teacher: torch.Tensor, group_size: int) -> None:
-    if student.dim() != 3 or teacher.dim() != 3:
-        raise ValueError(
-            f"logits must be [views, batch, G*P]; got student {tuple(student.shape)}, "
-            f"teacher {tuple(teacher.shape)}"
-        )
-    if student.shape[1:] != teacher.shape[1:]:
-        raise ValueError(
-            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} logits must "
-            "agree in batch and prototype dimensions"
-        )
-    if group_size < 1 or student.shape[-1] % group_size != 0:
-        raise ValueError(
-            f"group size {group_size} does not divide the {student.shape[-1]} logit columns"
-        )
-    if student.shape[0] < 1 or teacher.shape[0] < 1:
-        raise ValueError("need at least one student and one teacher view")
-    if student.shape[0] == 1 and teacher.shape[0] == 1:
-        raise ValueError("one student and one teacher view leave no pair i != j")
-
-
-def entropy_from_sum(prob_sum: torch.Tensor, num_rows: int, group_size: int) -> torch.Tensor:
-    """Entropy term from the global ``[G, P]`` probability sum over ``num_rows`` rows."""
-    mean_probs = prob_sum / num_rows
-    neg_entropy = (mean_probs * torch.log(mean_probs.clamp(EPS, 1.0 - EPS))).sum(-1)
-    return (neg_entropy + torch.log(torch.tensor(float(group_size)))).mean()
+    return order[: num_groups * partition_size].view(num_groups, partition_size)
 
 
 def reference_carp_loss(
-    student: torch.Tensor, teacher: torch.Tensor, group_size: int
+    student: torch.Tensor, teacher: torch.Tensor, partition_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch CARP loss: the ground truth every other implementation is held to."""
-    _check_logits(student, teacher, group_size)
+    check_logits(student, teacher, partition_size)
     num_student, batch, width = student.shape
     num_teacher = teacher.shape[0]
-    num_groups = width // group_size
-    p = torch.softmax(student.float().view(num_student, batch, num_groups, group_size), -1)
+    num_groups = width // partition_size
+    p = torch.softmax(student.float().view(num_student, batch, num_groups, partition_size), -1)
     q = torch.softmax(
-        teacher.detach().float().view(num_teacher, batch, num_groups, group_size), -1
+        teacher.detach().float().view(num_teacher, batch, num_groups, partition_size), -1
     )
 
     # <p_i, q_j> for every pair at once: [Vs, Vt, B, G].
@@ -130,7 +72,7 @@ def reference_carp_loss(
 
     local_sum = p.sum(dim=(0, 1)) + q.sum(dim=(0, 1))
     rows = (num_student + num_teacher) * batch * distributed.world_size()
-    entropy = entropy_from_sum(global_probability_sum(local_sum), rows, group_size)
+    entropy = entropy_from_sum(global_probability_sum(local_sum), rows, partition_size)
     return consistency, entropy
 
 
@@ -138,7 +80,7 @@ _warned_fallback = False
 
 
 def carp_loss(
-    student: torch.Tensor, teacher: torch.Tensor, group_size: int, impl: str = "reference"
+    student: torch.Tensor, teacher: torch.Tensor, partition_size: int, impl: str = "reference"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CARP loss on grouped logits; returns ``(consistency, entropy)`` as fp32 scalars.
 
@@ -151,13 +93,11 @@ def carp_loss(
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"unknown loss impl {impl!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
     if impl == "reference":
-        return reference_carp_loss(student, teacher, group_size)
-    from carp_fast import fused_loss
-
+        return reference_carp_loss(student, teacher, partition_size)
     if impl == "fused":
-        return fused_loss.fused_carp_loss(student, teacher, group_size)
+        return fused_loss.fused_carp_loss(student, teacher, partition_size)
     if fused_loss.supports_device(student.device):
-        return fused_loss.fused_carp_loss(student, teacher, group_size)
+        return fused_loss.fused_carp_loss(student, teacher, partition_size)
     global _warned_fallback
     if not _warned_fallback:
         _warned_fallback = True
@@ -166,4 +106,4 @@ def carp_loss(
             f"({fused_loss.unavailable_reason()}); using the reference implementation",
             stacklevel=2,
         )
-    return reference_carp_loss(student, teacher, group_size)
+    return reference_carp_loss(student, teacher, partition_size)

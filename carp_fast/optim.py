@@ -23,7 +23,7 @@ class LARS(torch.optim.Optimizer):
     decay nor adaptation: ``d = g``. Each group is updated with a handful of
     ``torch._foreach_*`` kernels and no host synchronisation.
 
-    ``step(keep=t)`` with a 0-d tensor ``t`` (1: apply, 0: skip) skips the update on the
+    ``step(apply_update=t)`` with a 0-d tensor ``t`` (1: apply, 0: skip) skips the update on the
     device, so a step with a non-finite loss can be dropped without the host reading a
     flag: parameters and momentum stay as they were. The gradients must be finite then
     (the trainer zeroes them on a skipped step).
@@ -48,7 +48,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None, keep: torch.Tensor | None = None):
+    def step(self, closure=None, apply_update: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -71,17 +71,17 @@ class LARS(torch.optim.Optimizer):
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 buffers.append(state["momentum_buffer"])
-            if keep is None:
+            if apply_update is None:
                 torch._foreach_mul_(buffers, group["momentum"])
                 torch._foreach_add_(buffers, updates)
                 torch._foreach_add_(ordered, buffers, alpha=-group["lr"])
                 continue
-            # Skippable form: m = (keep*mu + 1 - keep) * m + keep*d; w -= lr * keep * m.
-            keep_f = keep.to(buffers[0].dtype)
-            torch._foreach_mul_(updates, keep_f)
-            torch._foreach_mul_(buffers, keep_f * group["momentum"] + (1 - keep_f))
+            # Skippable form, a = apply_update: m = (a*mu + 1 - a) * m + a*d; w -= lr * a * m.
+            apply_f = apply_update.to(buffers[0].dtype)
+            torch._foreach_mul_(updates, apply_f)
+            torch._foreach_mul_(buffers, apply_f * group["momentum"] + (1 - apply_f))
             torch._foreach_add_(buffers, updates)
-            torch._foreach_add_(ordered, torch._foreach_mul(buffers, keep_f), alpha=-group["lr"])
+            torch._foreach_add_(ordered, torch._foreach_mul(buffers, apply_f), alpha=-group["lr"])
         return loss
 
     @staticmethod

@@ -1,6 +1,6 @@
 """``python -m carp_fast.train --cfg NAME.yaml [section.key=value ...]``
 
-NAME is a path, or a recipe in configs/. Overrides are read as YAML
+NAME is a path, or a recipe shipped in carp_fast/configs/. Overrides are read as YAML
 (``crops.global_scale=[0.2,1.0]``, ``train.amp=bf16``). Under torchrun every process runs
 this same command.
 
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pretrain an image encoder with CARP.",
         epilog="Run with --list-keys for every config key, its type, default and meaning.",
     )
-    parser.add_argument("--cfg", default="demo_cpu.yaml", help="recipe name in configs/ or a YAML path")
+    parser.add_argument("--cfg", default="demo_cpu.yaml", help="recipe name (carp_fast/configs/) or a YAML path")
     parser.add_argument("overrides", nargs="*", help="section.key=value (value read as YAML)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--list-keys", action="store_true", help="list every config key and exit")

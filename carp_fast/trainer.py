@@ -281,22 +281,22 @@ class Trainer:
             consistency_sum = consistency.detach() if consistency_sum is None else consistency_sum + consistency.detach()
             entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
 
-        keep = self._agree_keep(finite)
-        self.scaler.step(self.optimizer, keep=keep)
+        apply_update = self._all_ranks_finite(finite)
+        self.scaler.step(self.optimizer, apply_update=apply_update)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.ema_teacher, self.ema_student, momentum)
         self._mark("optimizer")
         self.step += 1
         return StepOutput(
-            consistency_sum / len(batches), entropy_sum / len(batches), 1.0 - keep.float()
+            consistency_sum / len(batches), entropy_sum / len(batches), 1.0 - apply_update.float()
         )
 
     def _mark(self, phase: str) -> None:
         if self.phase_timer is not None:
             self.phase_timer.mark(phase)
 
-    def _agree_keep(self, finite: torch.Tensor) -> torch.Tensor:
+    def _all_ranks_finite(self, finite: torch.Tensor) -> torch.Tensor:
         """Whether every rank's loss was finite, as a device tensor (no host sync).
 
         A tiny all-reduce makes the ranks agree, so they all drop the same step and none
@@ -305,12 +305,12 @@ class Trainer:
         """
         bad = (~finite).float().reshape(1)
         distributed.all_reduce_sum(bad)
-        keep = (bad[0] == 0)
+        all_finite = (bad[0] == 0)
         # One masked_fill per parameter: NaN * 0 is NaN, so masking is the only safe zeroing.
         for param in self.ema_student:
             if param.grad is not None:
-                param.grad.masked_fill_(~keep, 0.0)
-        return keep
+                param.grad.masked_fill_(~all_finite, 0.0)
+        return all_finite
 
     # ------------------------------------------------------------------------------ loop
     def open_logs(self) -> None:
@@ -396,10 +396,10 @@ class Trainer:
                     out = self.train_step(batches)
                     window.add(out, batches[0].batch_size * accumulation)
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    keep = bool(cfg.train.keep_every) and self.step % cfg.train.keep_every == 0
+                    keep_numbered = bool(cfg.train.keep_every) and self.step % cfg.train.keep_every == 0
                     save = (
                         self.step % cfg.train.ckpt_every == 0 or end_of_epoch
-                        or self.step == stop or keep
+                        or self.step == stop or keep_numbered
                     )
                     if self.step % cfg.train.log_every == 0 or self.step == stop or end_of_epoch or save:
                         # The agreed point of all ranks: losses, dropped steps, stop requests.
@@ -410,7 +410,7 @@ class Trainer:
                         preempted = self._stop_agreed()
                         self.epoch = self.step // self.steps_per_epoch
                         if save or preempted:
-                            self.save(numbered=keep)
+                            self.save(numbered=keep_numbered)
                         if preempted:
                             raise Preempted(
                                 f"stopped by signal at step {self.step}; {self.out_dir / checkpoint.LAST} "

@@ -38,7 +38,7 @@ void check_fp32_tensor(const at::Tensor& t, const char* name, at::IntArrayRef ex
 }  // namespace
 
 LossShape check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher,
-                               int64_t group_size) {
+                               int64_t partition_size) {
   check_logits(student, "student");
   check_logits(teacher, "teacher");
   TORCH_CHECK(student.device() == teacher.device(), "carp_fast fused loss: student logits are on ",
@@ -47,21 +47,21 @@ LossShape check_forward_inputs(const at::Tensor& student, const at::Tensor& teac
               "carp_fast fused loss: student ", student.sizes(), " and teacher ", teacher.sizes(),
               " logits must agree in batch and prototype dimensions");
   const int64_t width = student.size(2);
-  TORCH_CHECK(group_size >= 1 && width % group_size == 0, "carp_fast fused loss: group size ",
-              group_size, " does not divide the ", width, " logit columns");
+  TORCH_CHECK(partition_size >= 1 && width % partition_size == 0, "carp_fast fused loss: partition size ",
+              partition_size, " does not divide the ", width, " logit columns");
   TORCH_CHECK(student.size(1) >= 1 && width >= 1,
               "carp_fast fused loss: logits must have a non-empty batch and width, got ",
               student.sizes());
-  return {student.size(0), teacher.size(0), student.size(1), width / group_size, group_size};
+  return {student.size(0), teacher.size(0), student.size(1), width / partition_size, partition_size};
 }
 
 LossShape check_backward_inputs(const at::Tensor& grad_consistency, const at::Tensor& grad_prob_sum,
                                 const at::Tensor& student, const at::Tensor& teacher,
                                 const at::Tensor& agreement, const at::Tensor& student_stats,
-                                const at::Tensor& teacher_stats, int64_t group_size) {
-  const LossShape s = check_forward_inputs(student, teacher, group_size);
+                                const at::Tensor& teacher_stats, int64_t partition_size) {
+  const LossShape s = check_forward_inputs(student, teacher, partition_size);
   check_fp32_tensor(grad_consistency, "grad_consistency", {}, student);
-  check_fp32_tensor(grad_prob_sum, "grad_prob_sum", {s.num_groups, s.group_size}, student);
+  check_fp32_tensor(grad_prob_sum, "grad_prob_sum", {s.num_groups, s.partition_size}, student);
   check_fp32_tensor(agreement, "agreement", {s.num_student, s.num_teacher, s.batch, s.num_groups},
                     student);
   check_fp32_tensor(student_stats, "student_stats", {s.num_student, s.batch, s.num_groups, 2},
@@ -75,13 +75,13 @@ LossShape check_backward_inputs(const at::Tensor& grad_consistency, const at::Te
 
 TORCH_LIBRARY(carp_fast, m) {
   m.def(
-      "partition_softmax_forward(Tensor student, Tensor teacher, int group_size) -> (Tensor "
+      "partition_softmax_forward(Tensor student, Tensor teacher, int partition_size) -> (Tensor "
       "consistency, Tensor agreement, Tensor student_stats, Tensor teacher_stats, Tensor "
       "prob_sum)");
   m.def(
       "partition_softmax_backward(Tensor grad_consistency, Tensor grad_prob_sum, Tensor "
       "student, Tensor teacher, Tensor agreement, Tensor student_stats, Tensor teacher_stats, "
-      "int group_size) -> Tensor");
+      "int partition_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(carp_fast, CPU, m) {

@@ -12,7 +12,7 @@
 //   teacher_stats [Vt, B, G, 2]   same for the teacher
 //   prob_sum      [G, P]          S_g = sum over b and every student and teacher view of p / q
 //
-// The entropy is left to Python (carp_fast.loss.entropy_from_sum on the all-reduced S), so
+// The entropy is left to Python (carp_fast.loss_terms.entropy_from_sum on the all-reduced S), so
 // the DDP reduction exists once; its gradient dL/dS comes back into the backward.
 //
 // Backward takes dL/dconsistency (a 0-dim tensor, read on the device: no host sync) and
@@ -42,19 +42,19 @@ struct LossShape {
   int64_t num_teacher;
   int64_t batch;
   int64_t num_groups;
-  int64_t group_size;
+  int64_t partition_size;
 };
 
-// Validates forward inputs (device, dtype, rank, shapes, contiguity, group size) with
+// Validates forward inputs (device, dtype, rank, shapes, contiguity, partition size) with
 // messages that name the offending argument; returns the shape.
 LossShape check_forward_inputs(const at::Tensor& student, const at::Tensor& teacher,
-                               int64_t group_size);
+                               int64_t partition_size);
 
 // Validates backward inputs against the shape the forward saw.
 LossShape check_backward_inputs(const at::Tensor& grad_consistency, const at::Tensor& grad_prob_sum,
                                 const at::Tensor& student, const at::Tensor& teacher,
                                 const at::Tensor& agreement, const at::Tensor& student_stats,
-                                const at::Tensor& teacher_stats, int64_t group_size);
+                                const at::Tensor& teacher_stats, int64_t partition_size);
 
 // Pairs (i, j) with i != j, i over student views and j over teacher views: view k of the
 // student and of the teacher are the same crop.
@@ -69,13 +69,13 @@ constexpr float kAgreementMax = 1.0f - 1.1920928955078125e-07f;
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 ForwardResult partition_softmax_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                            int64_t group_size);
+                                            int64_t partition_size);
 
 at::Tensor partition_softmax_backward_cpu(const at::Tensor& grad_consistency,
                                           const at::Tensor& grad_prob_sum,
                                           const at::Tensor& student, const at::Tensor& teacher,
                                           const at::Tensor& agreement,
                                           const at::Tensor& student_stats,
-                                          const at::Tensor& teacher_stats, int64_t group_size);
+                                          const at::Tensor& teacher_stats, int64_t partition_size);
 
 }  // namespace carp_fast

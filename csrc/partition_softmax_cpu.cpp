@@ -85,10 +85,10 @@ const float* slice_as_float(const Logits& logits, int64_t offset, int64_t n, flo
 
 struct Scratch {
   explicit Scratch(const LossShape& s)
-      : teacher_probs(static_cast<size_t>(s.num_teacher * s.group_size)),
-        probs(static_cast<size_t>(s.group_size)),
-        work(static_cast<size_t>(s.group_size)),
-        widened(static_cast<size_t>(s.group_size)),
+      : teacher_probs(static_cast<size_t>(s.num_teacher * s.partition_size)),
+        probs(static_cast<size_t>(s.partition_size)),
+        work(static_cast<size_t>(s.partition_size)),
+        widened(static_cast<size_t>(s.partition_size)),
         teacher_weight(static_cast<size_t>(s.num_teacher)),
         teacher_term(static_cast<size_t>(s.num_teacher)) {}
   std::vector<float> teacher_probs;        // [Vt, P]: q_j of the current (b, g)
@@ -128,11 +128,11 @@ CARP_INLINE double pair_loss(float a) {
 CARP_INLINE void prefetch_logits(const Logits& logits, const LossShape& s, int64_t b,
                                  int64_t group) {
   const int64_t element = static_cast<int64_t>(c10::elementSize(logits.dtype));
-  const int64_t bytes = s.group_size * element;
-  const int64_t width = s.num_groups * s.group_size;
+  const int64_t bytes = s.partition_size * element;
+  const int64_t width = s.num_groups * s.partition_size;
   for (int64_t v = 0; v < logits.views; ++v) {
     const char* base = static_cast<const char*>(logits.data) +
-                       ((v * s.batch + b) * width + group * s.group_size) * element;
+                       ((v * s.batch + b) * width + group * s.partition_size) * element;
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(base + o, 0, 2);
   }
 }
@@ -231,21 +231,21 @@ void for_each_item(int64_t items, const LossShape& shape, const Body& body) {
 }  // namespace
 
 ForwardResult partition_softmax_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
-                                            int64_t group_size) {
-  const LossShape s = check_forward_inputs(student, teacher, group_size);
+                                            int64_t partition_size) {
+  const LossShape s = check_forward_inputs(student, teacher, partition_size);
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor consistency = at::empty({}, f32);
   at::Tensor agreement = at::empty({s.num_student, s.num_teacher, s.batch, s.num_groups}, f32);
   at::Tensor student_stats = at::empty({s.num_student, s.batch, s.num_groups, 2}, f32);
   at::Tensor teacher_stats = at::empty({s.num_teacher, s.batch, s.num_groups, 2}, f32);
-  at::Tensor prob_sum = at::empty({s.num_groups, s.group_size}, f32);
+  at::Tensor prob_sum = at::empty({s.num_groups, s.partition_size}, f32);
 
   const int64_t chunks = std::min(s.batch, (kMinForwardItems + s.num_groups - 1) / s.num_groups);
   const int64_t batch_per_chunk = (s.batch + chunks - 1) / chunks;
   const int64_t items = s.num_groups * chunks;
   // With one chunk the partial sums are the result; otherwise they are reduced below.
   at::Tensor partial =
-      chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.group_size}, f32);
+      chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.partition_size}, f32);
   // Per-item sums of the consistency terms, added in item order below: fixed order, and
   // double so that 10^5+ terms of size ~log(P) lose nothing.
   std::vector<double> loss_partial(static_cast<size_t>(items));
@@ -270,7 +270,7 @@ ForwardResult partition_softmax_forward_cpu(const at::Tensor& student, const at:
   if (chunks > 1) {
     const float* src = partial.const_data_ptr<float>();
     float* dst = prob_sum.data_ptr<float>();
-    const int64_t n = s.num_groups * s.group_size;
+    const int64_t n = s.num_groups * s.partition_size;
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t e = begin; e < end; ++e) {
         float acc = src[e];
@@ -287,9 +287,9 @@ at::Tensor partition_softmax_backward_cpu(const at::Tensor& grad_consistency,
                                           const at::Tensor& student, const at::Tensor& teacher,
                                           const at::Tensor& agreement,
                                           const at::Tensor& student_stats,
-                                          const at::Tensor& teacher_stats, int64_t group_size) {
+                                          const at::Tensor& teacher_stats, int64_t partition_size) {
   const LossShape s = check_backward_inputs(grad_consistency, grad_prob_sum, student, teacher,
-                                            agreement, student_stats, teacher_stats, group_size);
+                                            agreement, student_stats, teacher_stats, partition_size);
   at::Tensor grad_student = at::empty_like(student);
   advise_huge_pages(grad_student.data_ptr(), grad_student.nbytes());
   const BackwardItem item{

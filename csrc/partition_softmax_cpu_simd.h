@@ -275,7 +275,7 @@ template <int NT>
 CARP_INLINE void student_slices(const ForwardItem& a, int64_t b, int64_t group, const float* q,
                                 float* total, Scratch& scratch, double* loss) {
   const LossShape& s = a.shape;
-  const int64_t P = s.group_size;
+  const int64_t P = s.partition_size;
   const int64_t slice = b * s.num_groups + group;
   float* e = scratch.probs.data();
   float dots[NT > 0 ? NT : 1];
@@ -311,7 +311,7 @@ CARP_INLINE void student_slices(const ForwardItem& a, int64_t b, int64_t group, 
 CARP_SIMD_TARGET void forward_item(const ForwardItem& a, int64_t group, int64_t chunk,
                                    Scratch& scratch, double* loss) {
   const LossShape& s = a.shape;
-  const int64_t P = s.group_size;
+  const int64_t P = s.partition_size;
   const int64_t width = s.num_groups * P;
   float* total = a.prob_partial + (chunk * s.num_groups + group) * P;
   std::fill(total, total + P, 0.0f);
@@ -346,7 +346,7 @@ CARP_SIMD_TARGET void forward_item(const ForwardItem& a, int64_t group, int64_t 
 CARP_SIMD_TARGET void backward_item(const BackwardItem& a, int64_t b, int64_t group,
                                     Scratch& scratch) {
   const LossShape& s = a.shape;
-  const int64_t P = s.group_size;
+  const int64_t P = s.partition_size;
   const int64_t width = s.num_groups * P;
   const int64_t slice = b * s.num_groups + group;
   float* q = scratch.teacher_probs.data();

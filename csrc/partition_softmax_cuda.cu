@@ -1,6 +1,7 @@
 // CUDA kernels of the fused CARP loss (maths in partition_softmax.h).
 //
-// Three layouts of the same maths, tried in this order (CARP_FAST_CUDA_KERNELS=warp or
+// Three layouts of the same maths, one chosen per call for its forward and backward alike by
+// choose_layout, tried in this order (CARP_FAST_CUDA_KERNELS=warp or
 // =blocked starts further down, to compare them):
 //
 // Slice-per-warp ("slice" kernels in slice_kernels.cuh, the fast path: P = 128, 256, 512 or
@@ -122,7 +123,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     forward_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
                    int64_t chunks, int64_t batch_per_chunk, ForwardOut out) {
   extern __shared__ float smem[];
-  const int64_t P = s.group_size;
+  const int64_t P = s.partition_size;
   const int num_teacher = static_cast<int>(s.num_teacher);
   const int num_student = static_cast<int>(s.num_student);
   const int rows = num_teacher + num_student;
@@ -280,7 +281,7 @@ template <typename T>
 __device__ __forceinline__ void fill_teacher_probabilities(float* q, const T* __restrict__ teacher,
                                                            const LossShape& s, const BackwardIn& in,
                                                            int64_t slice, int64_t offset) {
-  const int64_t P = s.group_size;
+  const int64_t P = s.partition_size;
   const int64_t stride_view = s.batch * s.num_groups * P;
   for (int j = 0; j < static_cast<int>(s.num_teacher); ++j) {
     const float* stats = in.teacher_stats + (j * s.batch * s.num_groups + slice) * 2;
@@ -303,7 +304,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     backward_kernel(const S* __restrict__ student, const T* __restrict__ teacher, LossShape s,
                     BackwardIn in, S* __restrict__ grad_student) {
   extern __shared__ float smem[];
-  const int64_t P = s.group_size;
+  const int64_t P = s.partition_size;
   const int num_teacher = static_cast<int>(s.num_teacher);
   const int num_student = static_cast<int>(s.num_student);
   const int num_warps = blockDim.x / kWarpSize;
@@ -575,11 +576,45 @@ bool slice_kernels_apply(const at::Tensor& student, const at::Tensor& teacher, c
                          int64_t shared_bytes) {
   return student.scalar_type() == teacher.scalar_type() && aligned16(student) &&
          aligned16(teacher) && slice_shape_fits(s) && shared_bytes <= kDefaultSharedBytes &&
-         with_warp_elems(s.group_size, [](auto) {});
+         with_warp_elems(s.partition_size, [](auto) {});
 }
 
-int threads_for(int64_t group_size) {
-  const int64_t want = (group_size + kColumnsPerThread - 1) / kColumnsPerThread;
+// The warp kernels' shared memory: the forward double-buffers q and holds S_g of the block,
+// the backward holds q.
+int64_t warp_forward_shared_bytes(const LossShape& s) {
+  return static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.partition_size;
+}
+int64_t warp_backward_shared_bytes(const LossShape& s) {
+  return static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.partition_size;
+}
+
+// The layout of a loss call, chosen once from the logits for the forward and its backward
+// alike, so that one call never mixes layouts: the fastest whose limits hold in both
+// directions. Slice wins at every shape it takes (docs/kernel_history.md). The warp kernels
+// stay for the shapes slice refuses but they take (student and teacher of different dtypes,
+// rows not 16-byte aligned, slice's shared memory over 48 KiB): there they beat the blocked
+// kernels about 3x. Blocked takes any P. The backward's gradient is a fresh allocation,
+// aligned like every caching-allocator block, so it adds no condition.
+enum class Layout { kSlice, kWarp, kBlocked };
+
+Layout choose_layout(const at::Tensor& student, const at::Tensor& teacher, const LossShape& s) {
+  const KernelChoice choice = kernel_choice();
+  const int64_t slice_shared_bytes =
+      std::max(slice_forward_shared_bytes(s), slice_backward_shared_bytes(s));
+  if (choice == KernelChoice::kAuto &&
+      slice_kernels_apply(student, teacher, s, slice_shared_bytes)) {
+    return Layout::kSlice;
+  }
+  const bool warp_fits = s.num_student + s.num_teacher <= kWarpKernelMaxRows &&
+                         warp_forward_shared_bytes(s) <= kDefaultSharedBytes &&
+                         warp_backward_shared_bytes(s) <= kDefaultSharedBytes &&
+                         with_warp_elems(s.partition_size, [](auto) {});
+  if (choice != KernelChoice::kBlocked && warp_fits) return Layout::kWarp;
+  return Layout::kBlocked;
+}
+
+int threads_for(int64_t partition_size) {
+  const int64_t want = (partition_size + kColumnsPerThread - 1) / kColumnsPerThread;
   const int64_t rounded = (want + kWarpSize - 1) / kWarpSize * kWarpSize;
   return static_cast<int>(std::clamp<int64_t>(rounded, kWarpSize, kMaxThreads));
 }
@@ -610,34 +645,30 @@ void reserve_shared_memory(Kernel kernel, int64_t bytes, const LossShape& s) {
   int limit = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= limit, "carp_fast fused loss: group size ",
-              s.group_size, " with ", s.num_teacher, " teacher views needs ", bytes,
+  TORCH_CHECK(bytes <= limit, "carp_fast fused loss: partition size ",
+              s.partition_size, " with ", s.num_teacher, " teacher views needs ", bytes,
               " bytes of shared memory per block, more than this GPU's ", limit);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
 }
 
 ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
-                                             int64_t group_size) {
-  const LossShape s = check_forward_inputs(student, teacher, group_size);
+                                             int64_t partition_size) {
+  const LossShape s = check_forward_inputs(student, teacher, partition_size);
   const c10::cuda::CUDAGuard guard(student.device());
   const auto f32 = student.options().dtype(at::kFloat);
   at::Tensor consistency = at::empty({}, f32);
   at::Tensor agreement = at::empty({s.num_student, s.num_teacher, s.batch, s.num_groups}, f32);
   at::Tensor student_stats = at::empty({s.num_student, s.batch, s.num_groups, 2}, f32);
   at::Tensor teacher_stats = at::empty({s.num_teacher, s.batch, s.num_groups, 2}, f32);
-  at::Tensor prob_sum = at::empty({s.num_groups, s.group_size}, f32);
+  at::Tensor prob_sum = at::empty({s.num_groups, s.partition_size}, f32);
 
-  const KernelChoice choice = kernel_choice();
+  const Layout layout = choose_layout(student, teacher, s);
   const int64_t rows = s.num_student + s.num_teacher;
   const int64_t slice_shared_bytes = slice_forward_shared_bytes(s);
-  // The warp kernels' shared memory: q double-buffered, S_g of the block.
-  const int64_t warp_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * (2 * s.num_teacher + 1) * s.group_size;
-  const bool slice_path =
-      choice == KernelChoice::kAuto && slice_kernels_apply(student, teacher, s, slice_shared_bytes);
-  const bool warp_path = !slice_path && choice != KernelChoice::kBlocked &&
-                         rows <= kWarpKernelMaxRows && warp_shared_bytes <= kDefaultSharedBytes;
+  const int64_t warp_shared_bytes = warp_forward_shared_bytes(s);
+  const bool slice_path = layout == Layout::kSlice;
+  const bool warp_path = layout == Layout::kWarp;
 
   int64_t chunks = 0, batch_per_chunk = 0;
   if (slice_path) {
@@ -650,7 +681,7 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
   }
   const int64_t blocks = s.num_groups * chunks;
   at::Tensor partial =
-      chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.group_size}, f32);
+      chunks == 1 ? prob_sum : at::empty({chunks, s.num_groups, s.partition_size}, f32);
 
   const ForwardOut out{agreement.data_ptr<float>(),
                        student_stats.data_ptr<float>(), teacher_stats.data_ptr<float>(),
@@ -664,7 +695,7 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
       if constexpr (std::is_same_v<S, T>) {
         const RowViews rows =
             row_views(student.const_data_ptr<S>(), teacher.const_data_ptr<S>(), s);
-        with_warp_elems(s.group_size, [&](auto elems) {
+        with_warp_elems(s.partition_size, [&](auto elems) {
           with_slice_teachers(s.num_teacher, [&](auto teachers) {
             forward_slice_kernel<decltype(elems)::value, S, decltype(teachers)::value>
                 <<<static_cast<unsigned>(blocks), kSliceWarps * kWarpSize, slice_shared_bytes,
@@ -675,7 +706,7 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
       }
       return;
     }
-    const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
+    const bool launched = warp_path && with_warp_elems(s.partition_size, [&](auto elems) {
       forward_warp_kernel<decltype(elems)::value, S, T>
           <<<static_cast<unsigned>(blocks), static_cast<unsigned>(rows * kWarpSize),
              warp_shared_bytes, stream>>>(student.const_data_ptr<S>(),
@@ -684,12 +715,12 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (launched) return;
-    const int threads = threads_for(s.group_size);
+    const int threads = threads_for(s.partition_size);
     const int num_warps = threads / kWarpSize;
     const int64_t red_slots = std::max(rows, s.num_student * s.num_teacher);
     const int64_t shared_bytes =
         static_cast<int64_t>(sizeof(float)) *
-        ((s.num_teacher + 1) * s.group_size + red_slots * num_warps + 2 * rows);
+        ((s.num_teacher + 1) * s.partition_size + red_slots * num_warps + 2 * rows);
     auto kernel = forward_kernel<S, T>;
     reserve_shared_memory(kernel, shared_bytes, s);
     kernel<<<static_cast<unsigned>(blocks), threads, shared_bytes, stream>>>(
@@ -707,7 +738,7 @@ ForwardResult partition_softmax_forward_cuda(const at::Tensor& student, const at
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   if (chunks > 1) {
-    const int64_t n = s.num_groups * s.group_size;
+    const int64_t n = s.num_groups * s.partition_size;
     const int64_t sum_blocks = std::min<int64_t>((n + kMaxThreads - 1) / kMaxThreads, 4096);
     sum_chunks_kernel<<<static_cast<unsigned>(sum_blocks), kMaxThreads, 0, stream>>>(
         partial.const_data_ptr<float>(), chunks, n, prob_sum.data_ptr<float>());
@@ -721,9 +752,9 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
                                            const at::Tensor& student, const at::Tensor& teacher,
                                            const at::Tensor& agreement,
                                            const at::Tensor& student_stats,
-                                           const at::Tensor& teacher_stats, int64_t group_size) {
+                                           const at::Tensor& teacher_stats, int64_t partition_size) {
   const LossShape s = check_backward_inputs(grad_consistency, grad_prob_sum, student, teacher,
-                                            agreement, student_stats, teacher_stats, group_size);
+                                            agreement, student_stats, teacher_stats, partition_size);
   const c10::cuda::CUDAGuard guard(student.device());
   at::Tensor grad_student = at::empty_like(student);
 
@@ -731,15 +762,11 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
       make_backward_in(s, grad_consistency, grad_prob_sum, agreement, student_stats, teacher_stats);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  const KernelChoice choice = kernel_choice();
+  const Layout layout = choose_layout(student, teacher, s);
   const int64_t slice_shared_bytes = slice_backward_shared_bytes(s);
-  const int64_t warp_shared_bytes =
-      static_cast<int64_t>(sizeof(float)) * s.num_teacher * s.group_size;
-  const bool slice_path = choice == KernelChoice::kAuto && aligned16(grad_student) &&
-                          slice_kernels_apply(student, teacher, s, slice_shared_bytes);
-  const bool warp_path = !slice_path && choice != KernelChoice::kBlocked &&
-                         s.num_student <= kWarpKernelMaxRows &&
-                         warp_shared_bytes <= kDefaultSharedBytes;
+  const int64_t warp_shared_bytes = warp_backward_shared_bytes(s);
+  const bool slice_path = layout == Layout::kSlice;
+  const bool warp_path = layout == Layout::kWarp;
 
   with_logit_types(student, teacher, [&](auto s_tag, auto t_tag) {
     using S = decltype(s_tag);
@@ -747,7 +774,7 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
     if (slice_path) {
       if constexpr (std::is_same_v<S, T>) {
         const SliceGrid grid = slice_grid(s);
-        with_warp_elems(s.group_size, [&](auto elems) {
+        with_warp_elems(s.partition_size, [&](auto elems) {
           backward_slice_kernel<decltype(elems)::value, S>
               <<<static_cast<unsigned>(s.num_groups * grid.chunks), kSliceWarps * kWarpSize,
                  slice_shared_bytes, stream>>>(
@@ -758,7 +785,7 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
       }
       return;
     }
-    const bool launched = warp_path && with_warp_elems(s.group_size, [&](auto elems) {
+    const bool launched = warp_path && with_warp_elems(s.partition_size, [&](auto elems) {
       backward_warp_kernel<decltype(elems)::value, S, T>
           <<<static_cast<unsigned>(s.batch * s.num_groups),
              static_cast<unsigned>(s.num_student * kWarpSize), warp_shared_bytes, stream>>>(
@@ -767,10 +794,10 @@ at::Tensor partition_softmax_backward_cuda(const at::Tensor& grad_consistency,
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (launched) return;
-    const int threads = threads_for(s.group_size);
+    const int threads = threads_for(s.partition_size);
     const int num_warps = threads / kWarpSize;
     const int64_t shared_bytes = static_cast<int64_t>(sizeof(float)) *
-                                 (s.num_teacher * s.group_size + s.num_student * s.num_teacher +
+                                 (s.num_teacher * s.partition_size + s.num_student * s.num_teacher +
                                   s.num_student * num_warps + s.num_student);
     auto kernel = backward_kernel<S, T>;
     reserve_shared_memory(kernel, shared_bytes, s);

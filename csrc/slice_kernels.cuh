@@ -111,11 +111,11 @@ __device__ __forceinline__ float pair_weight(float a, bool same_view, float grad
   return (!same_view && inside) ? -grad_per_term / a : 0.0f;
 }
 
-// Calls f(std::integral_constant<int, P / 32>{}) for the group sizes the warp kernels are
+// Calls f(std::integral_constant<int, P / 32>{}) for the partition sizes the warp kernels are
 // built for; false (and no call) for the others.
 template <typename F>
-bool with_warp_elems(int64_t group_size, F&& f) {
-  switch (group_size) {
+bool with_warp_elems(int64_t partition_size, F&& f) {
+  switch (partition_size) {
     case 128: f(std::integral_constant<int, 4>{}); return true;
     case 256: f(std::integral_constant<int, 8>{}); return true;
     case 512: f(std::integral_constant<int, 16>{}); return true;
@@ -311,9 +311,9 @@ struct SliceWalk {
                                        int lane_column) {
     const int64_t begin = chunk * batch_per_chunk + warp;
     const int64_t end = min(s.batch, (chunk + 1) * batch_per_chunk);
-    const int64_t width = s.num_groups * s.group_size;
+    const int64_t width = s.num_groups * s.partition_size;
     first = static_cast<int>(begin);
-    first_offset = static_cast<uint32_t>(begin * width + group * s.group_size + lane_column);
+    first_offset = static_cast<uint32_t>(begin * width + group * s.partition_size + lane_column);
     step = num_warps;
     step_offset = static_cast<uint32_t>(num_warps * width);
     count = begin < end ? static_cast<int>((end - begin + num_warps - 1) / num_warps) : 0;
@@ -397,7 +397,7 @@ struct RowViews {
 template <typename X>
 RowViews row_views(const X* student, const X* teacher, const LossShape& s) {
   RowViews rows{};
-  const int64_t stride = s.batch * s.num_groups * s.group_size;
+  const int64_t stride = s.batch * s.num_groups * s.partition_size;
   for (int64_t r = 0; r < s.num_teacher + s.num_student; ++r) {
     rows.view[r] = r < s.num_teacher ? teacher + r * stride : student + (r - s.num_teacher) * stride;
   }
@@ -423,7 +423,7 @@ struct SliceWarp {
         num_teacher(static_cast<int>(s.num_teacher)),
         group(blockIdx.x / chunks),
         num_groups(s.num_groups),
-        stride_view(s.batch * s.num_groups * s.group_size),
+        stride_view(s.batch * s.num_groups * s.partition_size),
         slices(s.batch * s.num_groups),
         walk(s, group, blockIdx.x % chunks, batch_per_chunk, warp, num_warps,
              lane * LaneRow<kElems, X>::kPiece),
@@ -705,7 +705,7 @@ SliceGrid slice_grid(const LossShape& s) {
 // row's view in the parameters (RowViews), and a view's logits counted in 32 bits (RowPos).
 bool slice_shape_fits(const LossShape& s) {
   return s.num_teacher <= kWarpSize && s.num_teacher + s.num_student <= kSliceMaxRows &&
-         s.batch * s.num_groups * s.group_size <= INT32_MAX;
+         s.batch * s.num_groups * s.partition_size <= INT32_MAX;
 }
 
 // Calls f(std::integral_constant<int, Vt>{}) where the slice forward is compiled for the
@@ -723,14 +723,14 @@ void with_slice_teachers(int64_t num_teacher, F&& f) {
 // block's S_g [P].
 int64_t slice_forward_shared_bytes(const LossShape& s) {
   return static_cast<int64_t>(sizeof(float)) *
-         ((kSliceWarps * s.num_teacher + 1) * s.group_size +
+         ((kSliceWarps * s.num_teacher + 1) * s.partition_size +
           kSliceWarps * ImageStash::floats(s.num_student + s.num_teacher,
                                            s.num_student * s.num_teacher));
 }
 
 // Dynamic shared memory of the slice backward: per warp q [Vt, P]; the block's dL/dS_g [P].
 int64_t slice_backward_shared_bytes(const LossShape& s) {
-  return static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.group_size;
+  return static_cast<int64_t>(sizeof(float)) * (kSliceWarps * s.num_teacher + 1) * s.partition_size;
 }
 
 }  // namespace

@@ -103,20 +103,21 @@ needs_ffcv = pytest.mark.skipif(
 )
 
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ROOT / "tools"
 
 
-def load_tool(name: str):
-    """tools/<name>.py as a module, loaded once per process.
+def load_tool(name: str, folder: Path = TOOLS):
+    """<folder>/<name>.py (tools/ by default) as a module, loaded once per process.
 
     Registered by name, so that dataclasses and the pickling of work for worker
     processes find it; a second load would replace the functions already handed out.
     The tools import their siblings by name, as they do when run as scripts.
     """
-    if str(TOOLS) not in sys.path:
-        sys.path.append(str(TOOLS))
+    if str(folder) not in sys.path:
+        sys.path.append(str(folder))
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -29,7 +29,7 @@ def test_overrides_are_read_as_yaml():
 
 
 def test_unknown_key_names_the_closest_valid_one():
-    with pytest.raises(ConfigError, match=r"train\.epoch.*did you mean train\.'epochs'"):
+    with pytest.raises(ConfigError, match=r"train\.epoch.*did you mean 'train\.epochs'"):
         load_config("demo_cpu.yaml", ["train.epoch=3"])
     with pytest.raises(ConfigError, match="unknown config key 'trian'.*'train'"):
         load_config("demo_cpu.yaml", ["trian.epochs=3"])

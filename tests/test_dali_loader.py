@@ -322,7 +322,7 @@ def test_gpu_graph_is_valid_without_a_gpu(tiny_config):
     # Defining the graph checks every operator argument against DALI's schemas (the
     # hardware-decoder share and memory paddings of the mixed decoder, ROIs of GPU
     # resizes fed from the host); only building it needs the GPU.
-    cfg = dali_config(tiny_config, data__dali_hw_decoder_load=0.5)
+    cfg = dali_config(tiny_config, data__dali__hw_decoder_load=0.5)
     backend = build_loader(cfg, "cpu", device_augment=False).backend
     _, views = backend._define_pipeline(lambda: None, device_id=0)
     assert len(views) == 4 and all(view.device == "gpu" for view in views)

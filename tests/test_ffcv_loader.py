@@ -147,7 +147,7 @@ def test_resume_skips_consumed_batches_and_repeats_augmentation(tiny_config, tin
 
 @needs_ffcv
 def test_quasi_random_order_without_os_cache_shards_the_epoch(tiny_config, tiny_beton):
-    cfg = ffcv_config(tiny_config, tiny_beton, data__ffcv_os_cache=False, data__ffcv_order="quasi_random",
+    cfg = ffcv_config(tiny_config, tiny_beton, data__ffcv__os_cache=False, data__ffcv__order="quasi_random",
                       data__batch_size=3)
     from carp_fast.data.ffcv_loader import _ShardOrder
 

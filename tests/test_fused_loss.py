@@ -17,7 +17,7 @@ from carp_fast import fused_loss
 from carp_fast.loss import EPS, carp_loss
 
 
-# (Vs, Vt, B, G, P): odd batch; group sizes below, at and across the vector and unrolled
+# (Vs, Vt, B, G, P): odd batch; partition sizes below, at and across the vector and unrolled
 # block widths of both CPU kernel builds (7, 24, 100); G = 1 and G > 1; Vs > Vt, Vs = Vt and
 # one student against two teachers; 2, 3 and 5 teacher views (5 takes the kernels' generic
 # path, fewer the register-accumulator one).
@@ -46,10 +46,10 @@ def _logits(vs, vt, b, g, p, device="cpu", scale=3.0):
     return student, teacher
 
 
-def _loss_and_grad(impl, student, teacher, group_size, weights=(0.7, 1.3)):
+def _loss_and_grad(impl, student, teacher, partition_size, weights=(0.7, 1.3)):
     """(consistency, entropy, d(w0*c + w1*h)/d student) for one implementation."""
     student = student.detach().clone().requires_grad_(True)
-    consistency, entropy = carp_loss(student, teacher, group_size, impl=impl)
+    consistency, entropy = carp_loss(student, teacher, partition_size, impl=impl)
     (weights[0] * consistency + weights[1] * entropy).backward()
     return consistency.detach(), entropy.detach(), student.grad
 
@@ -242,7 +242,7 @@ def test_input_errors_are_clear():
         op(student.double(), teacher, 24)
     with pytest.raises(RuntimeError, match="teacher logits must be contiguous"):
         op(student, teacher.transpose(0, 1).contiguous().transpose(0, 1), 24)
-    with pytest.raises(RuntimeError, match="group size 5 does not divide the 48 logit columns"):
+    with pytest.raises(RuntimeError, match="partition size 5 does not divide the 48 logit columns"):
         op(student, teacher, 5)
     with pytest.raises(RuntimeError, match="must agree in batch and prototype dimensions"):
         op(student, teacher[:, :2].contiguous(), 24)
@@ -321,13 +321,13 @@ def test_two_process_gloo_matches_single_process():
 
 # ---- GPU ------------------------------------------------------------------------------
 
-# Group sizes 128-1024 take the slice kernels (a warp walks whole (image, group) slices) or,
+# Partition sizes 128-1024 take the slice kernels (a warp walks whole (image, group) slices) or,
 # with CARP_FAST_CUDA_KERNELS=warp, the row-per-warp kernels; the others take the blocked
-# ones. Some shapes cross the faster kernels' limits (P = 4096; 18 rows in the forward but 16
-# students in the backward; Vt = 3 at P = 1024 overflows the slice kernels' shared memory),
-# so one op call may mix layouts; batch 5 leaves some of the slice kernels' warps idle; 66
-# rows (64 students) is many views (the kernel candidates from v10 on, in
-# benchmarks/experiments/, leave more than 64 rows to the other layouts).
+# ones. One choice serves a call's forward and backward (choose_layout in
+# partition_softmax_cuda.cu). Some shapes cross the faster kernels' limits (P = 4096; 18 rows;
+# Vt = 3 at P = 1024 overflows the slice kernels' shared memory), so they take a slower
+# layout; batch 5 leaves some of the slice kernels' warps idle; 66 rows (64 students) is many
+# views.
 CUDA_SHAPES = SHAPES + [
     (3, 2, 3, 1, 128),
     (2, 2, 3, 3, 256),
@@ -364,12 +364,12 @@ def test_cuda_matches_reference_fp32(shape, cuda_kernels):
 @needs_extension
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("group_size", [24, 128, 256])
+@pytest.mark.parametrize("partition_size", [24, 128, 256])
 @pytest.mark.parametrize("views", [(4, 2), (3, 3)], ids=["vt2", "vt3"])
-def test_cuda_half_precision_error_bounded_by_reference(dtype, group_size, views, cuda_kernels):
+def test_cuda_half_precision_error_bounded_by_reference(dtype, partition_size, views, cuda_kernels):
     # Two teacher views (the published recipe) and three: kernels may be compiled for the
     # first and read Vt at run time for the other.
-    shape = (*views, 3, 3, group_size)
+    shape = (*views, 3, 3, partition_size)
     _assert_within_twice_reference(_half_precision_errors("cuda", dtype, shape))
 
 
@@ -389,9 +389,9 @@ def test_cuda_deterministic_and_agrees_with_cpu(cuda_kernels):
 
 @needs_extension
 @pytest.mark.cuda
-@pytest.mark.parametrize("group_size", [24, 128])
-def test_cuda_clamp_region_and_opcheck(group_size, cuda_kernels):
-    p = group_size
+@pytest.mark.parametrize("partition_size", [24, 128])
+def test_cuda_clamp_region_and_opcheck(partition_size, cuda_kernels):
+    p = partition_size
     student, teacher = _logits(3, 2, 3, 2, p, device="cuda")
     student[:, 0] = -60.0
     student[:, 0, 0::p] = 60.0
@@ -410,7 +410,7 @@ def test_cuda_clamp_region_and_opcheck(group_size, cuda_kernels):
 @needs_extension
 @pytest.mark.cuda
 def test_cuda_bf16_kernels_agree_at_the_published_shape(monkeypatch):
-    # The three CUDA layouts sum in different orders; at the published group size and bf16
+    # The three CUDA layouts sum in different orders; at the published partition size and bf16
     # logits they must still agree to fp32 rounding, and write every gradient entry.
     student, teacher = _logits(8, 2, 64, 16, 512, device="cuda")
     student, teacher = student.bfloat16(), teacher.bfloat16()

@@ -8,13 +8,13 @@ import torch
 from carp_fast.loss import EPS, carp_loss, draw_partition
 
 
-def direct_formula(student, teacher, group_size):
+def direct_formula(student, teacher, partition_size):
     """DESIGN.md's definitions, one pair and one group at a time, in float64."""
     vs, batch, width = student.shape
     vt = teacher.shape[0]
-    groups = width // group_size
-    s = student.double().view(vs, batch, groups, group_size).softmax(-1)
-    t = teacher.double().view(vt, batch, groups, group_size).softmax(-1)
+    groups = width // partition_size
+    s = student.double().view(vs, batch, groups, partition_size).softmax(-1)
+    t = teacher.double().view(vt, batch, groups, partition_size).softmax(-1)
     pair_terms = []
     for i in range(vs):
         for j in range(vt):
@@ -27,23 +27,23 @@ def direct_formula(student, teacher, group_size):
                     total += -math.log(min(max(inner, EPS), 1 - EPS))
             pair_terms.append(total / (batch * groups))
     consistency = sum(pair_terms) / len(pair_terms)
-    rows = torch.cat([s.reshape(-1, groups, group_size), t.reshape(-1, groups, group_size)])
+    rows = torch.cat([s.reshape(-1, groups, partition_size), t.reshape(-1, groups, partition_size)])
     mean = rows.mean(0)
     entropy = 0.0
     for g in range(groups):
-        entropy += math.log(group_size) + float((mean[g] * mean[g].clamp(EPS, 1 - EPS).log()).sum())
+        entropy += math.log(partition_size) + float((mean[g] * mean[g].clamp(EPS, 1 - EPS).log()).sum())
     return consistency, entropy / groups
 
 
 @pytest.mark.parametrize(
-    "vs,vt,batch,groups,group_size",
+    "vs,vt,batch,groups,partition_size",
     [(2, 2, 3, 1, 7), (5, 2, 3, 3, 24), (3, 1, 2, 4, 5), (8, 2, 4, 2, 16)],
 )
-def test_reference_matches_direct_formula(vs, vt, batch, groups, group_size):
-    student = torch.randn(vs, batch, groups * group_size) * 3
-    teacher = student[:vt].detach() + 0.5 * torch.randn(vt, batch, groups * group_size)
-    consistency, entropy = carp_loss(student, teacher, group_size, impl="reference")
-    want_c, want_h = direct_formula(student, teacher, group_size)
+def test_reference_matches_direct_formula(vs, vt, batch, groups, partition_size):
+    student = torch.randn(vs, batch, groups * partition_size) * 3
+    teacher = student[:vt].detach() + 0.5 * torch.randn(vt, batch, groups * partition_size)
+    consistency, entropy = carp_loss(student, teacher, partition_size, impl="reference")
+    want_c, want_h = direct_formula(student, teacher, partition_size)
     assert consistency.dtype == entropy.dtype == torch.float32
     assert consistency.item() == pytest.approx(want_c, rel=1e-5)
     assert entropy.item() == pytest.approx(want_h, rel=1e-4, abs=1e-6)

@@ -110,14 +110,14 @@ def test_skipped_step_changes_nothing_and_kept_step_matches_plain():
     x = torch.randn(9, 5)
     for net in (model, twin):
         net(x).pow(2).mean().backward()
-    opt.step(keep=torch.tensor(1.0))
+    opt.step(apply_update=torch.tensor(1.0))
     opt_twin.step()
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b)
     snapshot = [p.detach().clone() for p in model.parameters()]
     buffers = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
     model(x).pow(2).mean().backward()
-    opt.step(keep=torch.tensor(0.0))
+    opt.step(apply_update=torch.tensor(0.0))
     for p, before, buf in zip(model.parameters(), snapshot, buffers):
         assert torch.equal(p, before)
         assert torch.equal(opt.state[p]["momentum_buffer"], buf)

@@ -63,6 +63,8 @@ def test_report_renders_a_profile_with_its_machine_and_command(profile):
     row = text.splitlines()[2]
     assert "torchvision loader" in row and "published recipe" in row and profile["verdict"] in row
     assert "profile_throughput.py" in row and "[profile_cpu.json](benchmarks/profile_cpu.json)" in row
+    short = report.table([("profile_cpu.json", profile)], full=False).splitlines()[2]
+    assert "published recipe" in short and "profile_throughput.py" not in short
 
 
 def test_report_lists_a_json_it_cannot_render():
@@ -73,16 +75,16 @@ def test_report_lists_a_json_it_cannot_render():
 def test_loss_row_shows_only_the_formulations_a_record_timed():
     report = load_tool("performance_report")
     record = {"shape": {"views_student": 8, "views_teacher": 2, "batch": 256, "prototypes": 65536,
-                        "group_size": 512},
+                        "partition_size": 512},
               "dtype": "bf16", "device": "cuda", "torch_threads": 16,
               "median_ms": {"published": 40.0, "compiled": 4.0, "fused": 2.0},
               "peak_extra_memory_mib": {"published": 2000.0, "compiled": 1800.0, "fused": 250.0},
               "student_grad_mib": 256.0,
               "ratios": {"published_time_over_fused": 20.0, "compiled_time_over_fused": 2.0}}
-    _, result = report.loss_row("loss.json", record)
-    assert "reference" not in result
+    _, result, detail = report.loss_row("loss.json", record)
+    assert "reference" not in result + detail
     assert "compiled 4.0 ms (2.0×), published 40.0 ms (20.0×)" in result
-    assert "250.0 vs 2,000.0 MiB for the published (0.125;" in result
+    assert "250.0 vs 2,000.0 MiB for the published (0.125;" in detail
 
 
 def test_readme_results_and_chart_are_current():

@@ -53,8 +53,8 @@ def emulated(tmp_path_factory):
     )
 
 
-def _logits(views, batch, groups, group_size, dtype, scale):
-    return (torch.randn(views, batch, groups * group_size) * scale).to(dtype)
+def _logits(views, batch, groups, partition_size, dtype, scale):
+    return (torch.randn(views, batch, groups * partition_size) * scale).to(dtype)
 
 
 # (Vs, Vt, B, G, P, dtype, CARP_FAST_CUDA_SLICE_IMAGES, logit scale)
@@ -70,17 +70,17 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("vs, vt, batch, groups, group_size, dtype, images, scale", SHAPES)
+@pytest.mark.parametrize("vs, vt, batch, groups, partition_size, dtype, images, scale", SHAPES)
 def test_emulated_slice_kernels_match_the_cpu_kernel(
-    emulated, monkeypatch, vs, vt, batch, groups, group_size, dtype, images, scale
+    emulated, monkeypatch, vs, vt, batch, groups, partition_size, dtype, images, scale
 ):
     if images is None:
         monkeypatch.delenv("CARP_FAST_CUDA_SLICE_IMAGES", raising=False)
     else:
         monkeypatch.setenv("CARP_FAST_CUDA_SLICE_IMAGES", images)
-    student = _logits(vs, batch, groups, group_size, dtype, scale)
-    teacher = _logits(vt, batch, groups, group_size, dtype, scale)
-    _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped=scale > 10)
+    student = _logits(vs, batch, groups, partition_size, dtype, scale)
+    teacher = _logits(vt, batch, groups, partition_size, dtype, scale)
+    _check_against_the_cpu_kernel(emulated, student, teacher, partition_size, clamped=scale > 10)
 
 
 def test_emulated_slice_kernels_give_masked_columns_zero_probability(emulated, monkeypatch):
@@ -88,16 +88,16 @@ def test_emulated_slice_kernels_give_masked_columns_zero_probability(emulated, m
     # (c // piece) % 32 == 0), and in a few others: a lane whose values are all -inf must
     # contribute probability 0, as exp(-inf - m) = 0 does in the CPU kernel.
     monkeypatch.delenv("CARP_FAST_CUDA_SLICE_IMAGES", raising=False)
-    dtype, group_size, groups = torch.bfloat16, 512, 2
-    piece = min(16 // torch.empty(0, dtype=dtype).element_size(), group_size // 32)
-    columns = torch.arange(groups * group_size)
-    masked = ((columns % group_size) // piece) % 32 == 0
+    dtype, partition_size, groups = torch.bfloat16, 512, 2
+    piece = min(16 // torch.empty(0, dtype=dtype).element_size(), partition_size // 32)
+    columns = torch.arange(groups * partition_size)
+    masked = ((columns % partition_size) // piece) % 32 == 0
     masked |= columns % 37 == 5
-    student = _logits(8, 3, groups, group_size, dtype, 3.0)
-    teacher = _logits(2, 3, groups, group_size, dtype, 3.0)
+    student = _logits(8, 3, groups, partition_size, dtype, 3.0)
+    teacher = _logits(2, 3, groups, partition_size, dtype, 3.0)
     student[..., masked] = float("-inf")
     teacher[..., masked] = float("-inf")
-    got = _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped=False)
+    got = _check_against_the_cpu_kernel(emulated, student, teacher, partition_size, clamped=False)
     prob_sum = got[3].flatten()
     assert torch.equal(prob_sum[masked], torch.zeros_like(prob_sum[masked]))
 
@@ -114,12 +114,12 @@ def test_emulated_slice_kernels_take_rows_of_negative_logits(emulated, monkeypat
     assert (got[1][..., 0] < 0).any() and (got[1][..., 0] > 0).any()
 
 
-def _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clamped):
+def _check_against_the_cpu_kernel(emulated, student, teacher, partition_size, clamped):
     """Every forward output and the gradient of the emulated kernels against the CPU
     kernel's; returns the emulated forward outputs."""
-    dtype, groups = student.dtype, student.shape[-1] // group_size
-    got = emulated.forward(student, teacher, group_size)
-    _, *want = torch.ops.carp_fast.partition_softmax_forward(student, teacher, group_size)
+    dtype, groups = student.dtype, student.shape[-1] // partition_size
+    got = emulated.forward(student, teacher, partition_size)
+    _, *want = torch.ops.carp_fast.partition_softmax_forward(student, teacher, partition_size)
     for name, g, w in zip(("agreement", "student_stats", "teacher_stats", "prob_sum"), got, want):
         assert not g.isnan().any(), f"{name}: the emulated kernel left entries unwritten"
         torch.testing.assert_close(g, w, **FP32, msg=lambda m, name=name: f"{name}: {m}")
@@ -131,7 +131,7 @@ def _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clampe
 
     agreement, student_stats, teacher_stats = want[0], want[1], want[2]
     grad_consistency = torch.tensor(0.7)
-    grad_prob_sum = torch.randn(groups, group_size)
+    grad_prob_sum = torch.randn(groups, partition_size)
     args = (
         grad_consistency,
         grad_prob_sum,
@@ -140,7 +140,7 @@ def _check_against_the_cpu_kernel(emulated, student, teacher, group_size, clampe
         agreement,
         student_stats,
         teacher_stats,
-        group_size,
+        partition_size,
     )
     grad = emulated.backward(*args)
     grad_want = torch.ops.carp_fast.partition_softmax_backward(*args)

@@ -106,17 +106,17 @@ def test_warm_start_refuses_another_architecture(tiny_config, tmp_path):
 @pytest.mark.cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_cuda_fast_path_matches_the_plain_fp32_step(tiny_config, tmp_path, amp):
-    # The production path (mixed precision, channels-last, fused loss on the warp kernels
+    # The production path (mixed precision, fused loss on the warp kernels
     # since P = 128, multi-tensor LARS and EMA on the GPU) against plain fp32 with the
     # reference loss: the same first-step loss within mixed-precision rounding, and a few
     # more steps that stay finite and move both networks.
     shared = dict(train__device="cuda", model__num_prototypes=256, model__partition_size=128)
     plain = Trainer(tiny_config(train__out_dir=str(tmp_path / "plain"), train__amp="off",
-                                model__channels_last=False, train__loss_impl="reference",
+                                train__loss_impl="reference",
                                 train__max_steps=1, **shared))
     plain.fit()
     fast = Trainer(tiny_config(train__out_dir=str(tmp_path / "fast"), train__amp=amp,
-                               model__channels_last=True, train__loss_impl="fused",
+                               train__loss_impl="fused",
                                train__max_steps=4, **shared))
     student_before = [p.detach().clone() for p in fast.student.parameters()]
     teacher_before = [p.detach().clone() for p in fast.teacher.parameters()]

@@ -18,7 +18,7 @@ The images are generated "photographs" (1/f-spectrum textures, soft-edged textur
 objects, sensor noise; about 400x350 px, JPEG quality 90, about as many bytes per pixel
 as ImageNet's photos), cached under --data-dir with the .beton converted from them (all
 JPEG, so the producer decodes every image as the torchvision backend does). Crops:
-2x224 + 6x96 with the production scales (configs/fast_400ep.yaml).
+2x224 + 6x96 with the production scales (carp_fast/configs/fast_400ep.yaml).
 """
 
 from __future__ import annotations

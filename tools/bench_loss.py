@@ -63,7 +63,7 @@ def published_carp_loss(
     student: torch.Tensor, teacher: torch.Tensor, partition: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The published recipe on un-grouped logits [V, B, K] and a partition [G, P]."""
-    group_size = partition.shape[1]
+    partition_size = partition.shape[1]
     student_probs = torch.stack(
         [torch.softmax(view[:, partition].float(), dim=-1) for view in student.unbind(0)]
     )
@@ -82,7 +82,7 @@ def published_carp_loss(
     all_probs = torch.cat([student_probs.flatten(0, 1), teacher_probs.flatten(0, 1)])
     mean_probs = all_probs.mean(dim=0)
     neg_entropy = (mean_probs * torch.log(mean_probs.clamp(EPS, 1.0 - EPS))).sum(-1)
-    entropy = (neg_entropy + torch.log(torch.tensor(float(group_size)))).mean()
+    entropy = (neg_entropy + torch.log(torch.tensor(float(partition_size)))).mean()
     return consistency, entropy
 
 
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
             "views_teacher": args.views_teacher,
             "batch": args.batch,
             "prototypes": args.prototypes,
-            "group_size": args.group,
+            "partition_size": args.group,
             "groups": args.prototypes // args.group,
         },
         "dtype": args.dtype,

@@ -1,6 +1,6 @@
 """Regenerate the README's measured results from the JSON recorded under benchmarks/.
 
-    python tools/performance_report.py          # rewrite README.md and the chart in place
+    python tools/performance_report.py          # rewrite README.md, docs/results.md and the chart
     python tools/performance_report.py --check  # exit 1 if either is out of date
 
 Every benchmark tool writes one JSON with its figures, machine, versions, commit and
@@ -25,6 +25,7 @@ import readme_sections
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 CHART = BENCHMARKS / "performance.svg"
+RESULTS = ROOT / "docs" / "results.md"
 START = "<!-- performance:start -->"
 END = "<!-- performance:end -->"
 
@@ -59,25 +60,26 @@ def loss_row(name: str, r: dict) -> list[str]:
     s = r["shape"]
     ms, mib, ratios = r["median_ms"], r["peak_extra_memory_mib"], r["ratios"]
     what = (f"CARP loss fwd+bwd, {r['dtype']}, {r['device']}, Vs={s['views_student']} Vt={s['views_teacher']} "
-            f"B={s['batch']} K={s['prototypes']:,} P={s['group_size']}, {r.get('torch_threads', '?')} thread(s)")
+            f"B={s['batch']} K={s['prototypes']:,} P={s['partition_size']}, {r.get('torch_threads', '?')} thread(s)")
     # A record may time only some of the formulations (a short rerun on a GPU machine).
     others = [f"{impl} {_num(ms[impl])} ms ({ratios[f'{impl}_time_over_fused']:.1f}×)"
               for impl in ("reference", "compiled", "published") if impl in ms]
     result = f"fused {_num(ms['fused'])} ms" + (" vs " + ", ".join(others) if others else "")
+    detail = ""
     against = next((impl for impl in ("reference", "published") if mib.get(impl)), None)
     if mib.get("fused") is not None and against:
-        result += (f"; peak extra memory {_num(mib['fused'])} vs {_num(mib[against])} MiB for the "
+        detail += (f"peak extra memory {_num(mib['fused'])} vs {_num(mib[against])} MiB for the "
                    f"{against} ({mib['fused'] / mib[against]:.3f}; the student gradient alone is "
                    f"{_num(r.get('student_grad_mib'))} MiB)")
     roofline = r.get("roofline") or {}
     fused = roofline.get("kernels", {}).get("fused", {}).get("forward_backward")
     if fused:
-        result += (f"; fused kernels alone {fused['median_ms']:.3f} ms = "
+        detail += (f"; fused kernels alone {fused['median_ms']:.3f} ms = "
                    f"{fused['bytes_per_s'] / 1e12:.2f} TB/s, {fused['of_copy_bandwidth']:.0%} of the "
                    f"{roofline['copy']['bytes_per_s'] / 1e12:.2f} TB/s copy bandwidth measured in the run"
                    + (f" ({fused['of_datasheet_peak']:.0%} of the datasheet peak)"
                       if fused.get("of_datasheet_peak") else ""))
-    return [what, result]
+    return [what, result, detail]
 
 
 def loaders_row(name: str, r: dict) -> list[str]:
@@ -133,11 +135,14 @@ def profile_row(name: str, r: dict) -> list[str]:
             producer = entry.get("producer_images_per_s")
             parts.append(f"{backend} loader {_num(entry['images_per_s'])}"
                          + (f" (producer {_num(producer)})" if producer else "") + " images/s")
+    # The compute figures are the headline; the loaders, the phase split and the verdict follow.
+    headline = parts[:1 + ("images_per_s" in r.get("compute_compiled", {})) + ("baseline" in r)]
+    details = parts[len(headline):]
     if "full_step" in r:
         share = r["full_step"].get("phase_share", {})
-        parts.append("full step " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
-    parts.append(r["verdict"])
-    return [what, "; ".join(parts)]
+        details.append("full step " + ", ".join(f"{k} {v:.0%}" for k, v in share.items()))
+    details.append(r["verdict"])
+    return [what, "; ".join(headline), "; ".join(details)]
 
 
 def check_row(name: str, r: dict) -> list[str]:
@@ -146,9 +151,9 @@ def check_row(name: str, r: dict) -> list[str]:
             f"±{r['tolerance']:.0%})")
     cells = [f"{k.replace('.images_per_s', '').replace('_images_per_s', '')} {v['profiler']:.1f}/{v['independent']:.1f}"
              f" ({v['ratio']:.2f})" for k, v in compared.items()]
-    result = (f"profiler ran {r['profiler']['wall_s']:.0f} s; profiler/independent images/s: "
-              + ", ".join(cells) + f"; {'all agree' if r['passed'] else 'NOT all agree'}")
-    return [what, result]
+    result = "all agree" if r["passed"] else "NOT all agree"
+    detail = f"profiler ran {r['profiler']['wall_s']:.0f} s; profiler/independent images/s: " + ", ".join(cells)
+    return [what, result, detail]
 
 
 def demo_row(name: str, r: dict) -> list[str]:
@@ -177,17 +182,22 @@ def records() -> list[tuple[str, dict]]:
     return [(path.name, json.loads(path.read_text())) for path in sorted(BENCHMARKS.glob("*.json"))]
 
 
-def table(entries: list[tuple[str, dict]]) -> str:
-    rows = ["| what | result | machine | command | JSON |", "| --- | --- | --- | --- | --- |"]
+def table(entries: list[tuple[str, dict]], full: bool = True, link_prefix: str = "benchmarks/") -> str:
+    """One row per record. ``full``: every figure and the command (docs/results.md); else the
+    headline figures only (the README), the rest being one click away in the JSON."""
+    header = ["what", "result", "machine"] + (["command"] if full else []) + ["JSON"]
+    rows = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     unknown = []
     for name, record in entries:
         renderer = next((fn for keys, fn in RENDERERS if all(k in record for k in keys)), None)
         if renderer is None:
             unknown.append(name)
             continue
-        what, result = renderer(name, record)
-        rows.append(f"| {what} | {result} | {_machine(record)} | {_command(record)} | "
-                    f"[{name}](benchmarks/{name}) |")
+        what, result, *detail = renderer(name, record)
+        if full and detail and detail[0]:
+            result += "; " + detail[0]
+        cells = [what, result, _machine(record)] + ([_command(record)] if full else [])
+        rows.append("| " + " | ".join(cells) + f" | [{name}]({link_prefix}{name}) |")
     text = "\n".join(rows)
     if unknown:
         text += "\n\nNot rendered (unknown kind): " + ", ".join(f"`{n}`" for n in unknown)
@@ -246,13 +256,21 @@ def chart_svg(panels) -> str:
 
 
 def section(entries) -> str:
+    """The README's Results: the chart and the headline of every record."""
     chart = "![Loader, loss and step figures](benchmarks/performance.svg)\n\n" if chart_bars(entries) else ""
     return (
         "Generated by `python tools/performance_report.py` from the JSON under `benchmarks/`\n"
         "(each holds its machine, versions, commit and command; ratios were measured within\n"
-        "one run, and speeds on the shared 2-core CI machine are lower bounds).\n\n"
-        + chart + table(entries)
+        "one run, and speeds on the shared 2-core CI machine are lower bounds). Every figure\n"
+        "of each record, with its command: [docs/results.md](docs/results.md).\n\n"
+        + chart + table(entries, full=False)
     )
+
+
+def full_section(entries) -> str:
+    """docs/results.md: every figure of every record, with the command that made it."""
+    return ("Generated by `python tools/performance_report.py` from the JSON under `benchmarks/`.\n\n"
+            + table(entries, full=True, link_prefix="../benchmarks/"))
 
 
 def main() -> int:
@@ -261,14 +279,16 @@ def main() -> int:
     args = parser.parse_args()
     entries = records()
     svg = chart_svg(chart_bars(entries))
-    stale_chart = not CHART.exists() or CHART.read_text() != svg
+    regenerate = "python tools/performance_report.py"
     if args.check:
-        status = readme_sections.update(START, END, section(entries), True, "python tools/performance_report.py")
-        if stale_chart:
-            print(f"{CHART} is out of date: run python tools/performance_report.py")
+        status = readme_sections.update(START, END, section(entries), True, regenerate)
+        status |= readme_sections.update(START, END, full_section(entries), True, regenerate, RESULTS)
+        if not CHART.exists() or CHART.read_text() != svg:
+            print(f"{CHART} is out of date: run {regenerate}")
             return 1
         return status
     CHART.write_text(svg)
+    readme_sections.update(START, END, full_section(entries), False, "", RESULTS)
     return readme_sections.update(START, END, section(entries), False, "")
 
 

@@ -200,10 +200,8 @@ class PublishedRecipe:
     read of the loss every step."""
 
     def __init__(self, cfg, device: torch.device):
-        model_cfg = copy.deepcopy(cfg.model)
-        model_cfg.channels_last = False
         torch.manual_seed(cfg.train.seed)
-        self.student = CarpModel(model_cfg).to(device)
+        self.student = CarpModel(cfg.model, memory_format=torch.contiguous_format).to(device)
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -334,7 +332,7 @@ def time_losses(cfg, device, reps: int, num_student: int, num_teacher: int,
         except Exception as error:  # fused not built, compile unsupported here
             results[name] = {"error": f"{type(error).__name__}: {error}"}
     results["shape"] = {"student": list(student.shape), "teacher": list(teacher.shape),
-                        "group_size": cfg.model.partition_size, "dtype": str(dtype)}
+                        "partition_size": cfg.model.partition_size, "dtype": str(dtype)}
     return results
 
 

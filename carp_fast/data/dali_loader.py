@@ -454,9 +454,9 @@ class DALILoader:
         # header and boxes, is ~0.2 ms of Python per image.
         self.reader_threads = min(8, max(2, self.num_threads))
         self.prefetch = max(1, cfg.data.prefetch_factor)
-        self.hw_decoder_load = cfg.data.dali_hw_decoder_load
-        self.device_memory_padding = cfg.data.dali_device_memory_padding
-        self.host_memory_padding = cfg.data.dali_host_memory_padding
+        self.hw_decoder_load = cfg.data.dali.hw_decoder_load
+        self.device_memory_padding = cfg.data.dali.device_memory_padding
+        self.host_memory_padding = cfg.data.dali.host_memory_padding
         self.sampler = EpochShardSampler(len(self.source), self.batch_size, rank, world, self.seed)
         self._bad: dict[int, str] = {}
         self._bad_lock = threading.Lock()

@@ -471,7 +471,7 @@ class FFCVLoader:
                 str(path),
                 batch_size=self.batch_size,
                 num_workers=workers,
-                os_cache=cfg.data.ffcv_os_cache,
+                os_cache=cfg.data.ffcv.os_cache,
                 order=OrderOption.SEQUENTIAL,
                 seed=cfg.train.seed,
                 pipelines={"image": image_pipeline, "label": label_pipeline},
@@ -489,7 +489,7 @@ class FFCVLoader:
                 "'label' (IntField), as tools/convert_imagenet_ffcv.py writes"
             )
         self.num_samples = int(self.loader.reader.num_samples)
-        quasi = QuasiRandom(self.loader) if cfg.data.ffcv_order == "quasi_random" else None
+        quasi = QuasiRandom(self.loader) if cfg.data.ffcv.order == "quasi_random" else None
         self.order = _ShardOrder(
             self.num_samples, self.batch_size, rank, world, cfg.train.seed, quasi
         )
