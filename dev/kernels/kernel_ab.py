@@ -31,7 +31,7 @@ reported with the end of its log; the others are still timed, and the exit statu
 
 `adopt` reads run's kernel_ab.json and, where the fastest version's forward + backward beats
 the baseline's by more than --margin (a fraction of the baseline's time), puts that version's
-csrc/ in place of this tree's (tools/gpu_check.sh AB_ADOPT=1 then builds, tests and
+csrc/ in place of this tree's (KERNEL_STAGES=1 AB=1 AB_ADOPT=1 bash tools/gpu_check.sh then builds, tests and
 benchmarks it). Its last line says what it did: `adopted NAME (...): COMMIT`, or why not.
 """
 

@@ -8,7 +8,7 @@ The source page holds one row per SASS instruction of each profiled kernel, with
 stall samples taken at it (PC sampling: which instruction a warp was at, and why it could not
 issue, every few thousand cycles). For each kernel this prints the samples by stall reason,
 by opcode, and the instructions that drew the most, each with its own leading reasons.
-tools/gpu_check.sh (NCU=1) runs it on the fused loss's forward and backward kernels, so that a
+tools/gpu_check.sh (KERNEL_STAGES=1 NCU=1) runs it on the fused loss's forward and backward kernels, so that a
 GPU session says which instructions of the slice kernels the time goes to, not only how busy
 each unit was.
 
