@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,6 +42,41 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def amp_dtype_for(cfg: Config, device: torch.device, is_main: bool = True) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on this device (None: fp32; AMP is GPU-only)."""
+    if cfg.train.amp == "off":
+        return None
+    if device.type == "cuda":
+        return AMP_DTYPES[cfg.train.amp]
+    if is_main:
+        log.info("train.amp=%s ignored on CPU: training in fp32", cfg.train.amp)
+    return None
+
+
+def steps_per_epoch_of(loader, accumulation: int) -> int:
+    """Optimiser steps in one epoch of ``loader`` (whole accumulation groups only)."""
+    steps = len(loader) // accumulation
+    if steps == 0:
+        raise ValueError(
+            f"an epoch has {len(loader)} batches per process, fewer than "
+            f"train.accumulation_steps={accumulation}"
+        )
+    return steps
+
+
+def build_schedules(cfg: Config, steps_per_epoch: int, global_batch: int) -> Schedules:
+    """Learning rate (linear scaling of ``optim.base_lr``), weight decay and teacher momentum."""
+    return Schedules(
+        peak_lr=scaled_lr(cfg.optim.base_lr, global_batch),
+        min_lr=cfg.optim.min_lr,
+        warmup_steps=int(round(cfg.optim.warmup_epochs * steps_per_epoch)),
+        total_steps=cfg.train.epochs * steps_per_epoch,
+        weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=cfg.optim.weight_decay_end,
+        teacher_momentum=cfg.optim.teacher_momentum,
+    )
+
+
 def build_models(cfg: Config, device: torch.device) -> tuple[CarpModel, CarpModel]:
     """Student and teacher from the same initial weights (seeded); the teacher has no grads."""
     torch.manual_seed(cfg.train.seed)
@@ -51,12 +87,49 @@ def build_models(cfg: Config, device: torch.device) -> tuple[CarpModel, CarpMode
     return student, teacher
 
 
+def warm_start(cfg: Config, student: CarpModel, teacher: CarpModel, is_main: bool) -> None:
+    """``model.init_weights`` (a carp_fast or published CARP checkpoint) into both networks."""
+    checkpoint.init_from_weights(cfg.model.init_weights, student, teacher)
+    if is_main:
+        log.info("initialised student and teacher from %s", cfg.model.init_weights)
+
+
 def convert_sync_bn(model: CarpModel, where: str) -> CarpModel:
     if where == "all":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if where == "head":
         model.head = nn.SyncBatchNorm.convert_sync_batchnorm(model.head)
     return model
+
+
+def build_optimizer(cfg: Config, student: CarpModel, peak_lr: float) -> LARS:
+    return LARS(
+        param_groups(student),
+        lr=peak_lr,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        trust_coefficient=cfg.optim.trust_coefficient,
+    )
+
+
+def compile_backbones(student: CarpModel, teacher: CarpModel) -> None:
+    """``train.compile``: torch.compile both backbones in place.
+
+    In-place compile keeps state-dict keys free of `_orig_mod.` prefixes. Static shapes: the
+    two crop sizes get a graph each, rather than the second size recompiling both into one
+    dynamic-shape graph with slower kernels.
+    """
+    student.backbone.compile(dynamic=False)
+    teacher.backbone.compile(dynamic=False)
+
+
+def wrap_ddp(student: CarpModel, env: distributed.DistEnv, device: torch.device) -> nn.Module:
+    """The module the student's forward goes through: DDP over several processes, else itself."""
+    if env.world_size == 1:
+        return student
+    return nn.parallel.DistributedDataParallel(
+        student, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 @dataclass
@@ -86,13 +159,7 @@ class Trainer:
         self.env = env or distributed.DistEnv(0, 1, 0)
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
         self.out_dir = Path(cfg.train.out_dir)
-        self.amp_dtype = None
-        if cfg.train.amp != "off":
-            if self.device.type == "cuda":
-                self.amp_dtype = AMP_DTYPES[cfg.train.amp]
-            elif self.env.is_main:
-                log.info("train.amp=%s ignored on CPU: training in fp32", cfg.train.amp)
-
+        self.amp_dtype = amp_dtype_for(cfg, self.device, self.env.is_main)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -100,67 +167,39 @@ class Trainer:
 
         self.loader = loader if loader is not None else build_loader(cfg, self.device, dtype=self.amp_dtype)
         accumulation = cfg.train.accumulation_steps
-        self.steps_per_epoch = len(self.loader) // accumulation
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"an epoch has {len(self.loader)} batches per process, fewer than "
-                f"train.accumulation_steps={accumulation}"
-            )
+        self.steps_per_epoch = steps_per_epoch_of(self.loader, accumulation)
         self.total_steps = cfg.train.epochs * self.steps_per_epoch
         self.global_batch = cfg.data.batch_size * self.env.world_size * accumulation
-        peak_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
-        self.schedules = Schedules(
-            peak_lr=peak_lr,
-            min_lr=cfg.optim.min_lr,
-            warmup_steps=int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)),
-            total_steps=self.total_steps,
-            weight_decay=cfg.optim.weight_decay,
-            weight_decay_end=cfg.optim.weight_decay_end,
-            teacher_momentum=cfg.optim.teacher_momentum,
-        )
+        self.schedules = build_schedules(cfg, self.steps_per_epoch, self.global_batch)
 
         self.student, self.teacher = build_models(cfg, self.device)
-        resuming = (self.out_dir / checkpoint.LAST).is_file()
-        if cfg.model.init_weights and not resuming:
-            # Warm start (carp_fast or published CARP checkpoint); a resume wins over it.
-            checkpoint.init_from_weights(cfg.model.init_weights, self.student, self.teacher)
-            if self.env.is_main:
-                log.info("initialised student and teacher from %s", cfg.model.init_weights)
+        if cfg.model.init_weights and not (self.out_dir / checkpoint.LAST).is_file():
+            warm_start(cfg, self.student, self.teacher, self.env.is_main)  # a resume wins over it
         if self.env.world_size > 1 and self.device.type == "cuda":
             self.student = convert_sync_bn(self.student, cfg.model.sync_bn)
             self.teacher = convert_sync_bn(self.teacher, cfg.model.sync_bn)
-        self.optimizer = LARS(
-            param_groups(self.student),
-            lr=peak_lr,
-            weight_decay=cfg.optim.weight_decay,
-            momentum=cfg.optim.momentum,
-            trust_coefficient=cfg.optim.trust_coefficient,
-        )
+        self.optimizer = build_optimizer(cfg, self.student, self.schedules.peak_lr)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # Parameter lists for the multi-tensor EMA, fixed once so the step builds none.
         self.ema_student = list(self.student.parameters())
         self.ema_teacher = list(self.teacher.parameters())
-
-        self.student_forward: nn.Module = self.student
         if cfg.train.compile:
-            # In-place compile keeps state-dict keys free of `_orig_mod.` prefixes. Static
-            # shapes: the two crop sizes get a graph each, rather than the second size
-            # recompiling both into one dynamic-shape graph with slower kernels.
-            self.student.backbone.compile(dynamic=False)
-            self.teacher.backbone.compile(dynamic=False)
-        if self.env.world_size > 1:
-            self.student_forward = nn.parallel.DistributedDataParallel(
-                self.student,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            )
+            compile_backbones(self.student, self.teacher)
+        self.student_forward = wrap_ddp(self.student, self.env, self.device)
 
         self.step = 0
-        self.epoch = 0
         self.metrics_file = None
         self.tensorboard = None
         self.stop_requested = False  # set by the preemption signal handler, nothing else
-        self.phase_timer = None  # a profiling.PhaseTimer while being profiled
+        self.phase_hook: Callable[[str], None] | None = None
+        """Called with each phase's name as it ends ("forward", "loss", "backward",
+        "optimizer"), for profilers (tools/profile_throughput.py); None when training."""
         self.skipped_total = 0
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed: derived from the step, the one counter the loop advances."""
+        return self.step // self.steps_per_epoch
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -194,8 +233,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])  # the epoch follows from it; "epoch" is kept for readers
         checkpoint.set_rng_state(state.get("rng", {}))
 
     def save(self, numbered: bool = False) -> None:
@@ -269,14 +307,14 @@ class Trainer:
                         teacher_logits = self.teacher(
                             batch.global_views, None, partition, num_views=num_teacher
                         )
-                self._mark("forward")
+                self._phase_done("forward")
                 consistency, entropy = carp_loss(
                     student_logits, teacher_logits, cfg.model.partition_size, impl=cfg.train.loss_impl
                 )
                 loss = (consistency + entropy) / len(batches)
-                self._mark("loss")
+                self._phase_done("loss")
                 self.scaler.scale(loss).backward()
-                self._mark("backward")
+                self._phase_done("backward")
             finite = finite & torch.isfinite(loss.detach())
             consistency_sum = consistency.detach() if consistency_sum is None else consistency_sum + consistency.detach()
             entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
@@ -286,15 +324,15 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.ema_teacher, self.ema_student, momentum)
-        self._mark("optimizer")
+        self._phase_done("optimizer")
         self.step += 1
         return StepOutput(
             consistency_sum / len(batches), entropy_sum / len(batches), 1.0 - apply_update.float()
         )
 
-    def _mark(self, phase: str) -> None:
-        if self.phase_timer is not None:
-            self.phase_timer.mark(phase)
+    def _phase_done(self, phase: str) -> None:
+        if self.phase_hook is not None:
+            self.phase_hook(phase)
 
     def _all_ranks_finite(self, finite: torch.Tensor) -> torch.Tensor:
         """Whether every rank's loss was finite, as a device tensor (no host sync).
@@ -380,7 +418,6 @@ class Trainer:
         accumulation = cfg.train.accumulation_steps
         try:
             while self.step < stop:
-                self.epoch = self.step // self.steps_per_epoch
                 start_in_epoch = self.step - self.epoch * self.steps_per_epoch
                 self.loader.set_epoch(self.epoch, start_batch=start_in_epoch * accumulation)
                 iterator = iter(self.loader)
@@ -408,7 +445,6 @@ class Trainer:
                         progress.update(last_record)
                         self._apply_nonfinite_policy(last_record)
                         preempted = self._stop_agreed()
-                        self.epoch = self.step // self.steps_per_epoch
                         if save or preempted:
                             self.save(numbered=keep_numbered)
                         if preempted:
@@ -436,7 +472,6 @@ class Trainer:
             )
         if self.cfg.train.nonfinite == "stop":
             # Dropped steps left the weights untouched, so this state is the last good one.
-            self.epoch = self.step // self.steps_per_epoch
             self.save()
             raise NonFiniteLoss(
                 f"non-finite loss before step {self.step} (train.nonfinite=stop); "

@@ -12,7 +12,7 @@ import torch
 
 from carp_fast.data import DataPathError, MultiCropBatch, build_loader
 from carp_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD
-from carp_fast.data.torchvision_loader import sample_rng
+from carp_fast.data.sampling import sample_rng
 
 
 def _has_dali() -> bool:

@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 from conftest import load_converter, needs_ffcv
 from carp_fast.data import DataPathError, MultiCropBatch, build_loader
 from carp_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD
-from carp_fast.data.torchvision_loader import EpochShardSampler
+from carp_fast.data.sampling import EpochShardSampler
 
 RAMP_HEIGHT, RAMP_WIDTH = 200, 240
 # CI installs FFCV (the test extra); the GPU machine has none, and runs what it can.

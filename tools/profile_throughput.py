@@ -138,17 +138,18 @@ def carp_fast_steps(cfg, device, steps: int, warmup: int, loader=None, timed_pha
     for index in range(steps + warmup):
         measuring = index >= warmup
         if measuring and timed_phases:
-            trainer.phase_timer = timer
+            trainer.phase_hook = timer.mark
             timer.start()
         start = time.perf_counter()
         batch = next(iterator)
-        trainer._mark("data")
+        if trainer.phase_hook is not None:
+            trainer.phase_hook("data")
         trainer.train_step([batch])
         if measuring:
             # Intended sync per measured step: step time on the host clock.
             synchronize(device)
             step_times.append(time.perf_counter() - start)
-        trainer.phase_timer = None
+        trainer.phase_hook = None
     totals = timer.totals() if timed_phases else {}
     total_time = sum(step_times)
     batch_size = cfg.data.batch_size

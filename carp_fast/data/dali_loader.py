@@ -68,8 +68,8 @@ from carp_fast.config import Config
 from carp_fast.data.batch import MultiCropBatch
 from carp_fast.data.crops import sample_crop
 from carp_fast.data.folder import IMAGE_EXTENSIONS, DataPathError, list_image_folder
-from carp_fast.data.recipe import FLIP_P
-from carp_fast.data.torchvision_loader import EpochShardSampler, sample_rng
+from carp_fast.data.recipe import FLIP_P, view_specs
+from carp_fast.data.sampling import EpochShardSampler, sample_rng
 
 MISSING_DALI = (
     "data.backend=dali needs NVIDIA DALI: `pip install nvidia-dali-cuda120` (or the "
@@ -443,9 +443,7 @@ class DALILoader:
         self.source = open_source(cfg.data.path)
         crops = cfg.crops
         self.crops = crops
-        self.views = [(crops.global_size, crops.global_scale)] * crops.global_number + [
-            (crops.local_size, crops.local_scale)
-        ] * crops.local_number
+        self.views = view_specs(crops)
         self.ratio = crops.ratio
         self.batch_size = cfg.data.batch_size
         self.seed = cfg.train.seed

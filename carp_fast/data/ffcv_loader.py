@@ -36,8 +36,8 @@ import torch
 from carp_fast.config import Config
 from carp_fast.data.batch import MultiCropBatch
 from carp_fast.data.folder import DataPathError
-from carp_fast.data.recipe import FLIP_P
-from carp_fast.data.torchvision_loader import EpochShardSampler
+from carp_fast.data.recipe import FLIP_P, view_specs
+from carp_fast.data.sampling import EpochShardSampler
 
 MISSING_FFCV = (
     "data.backend=ffcv needs FFCV: `pip install ffcv numba opencv-python-headless` after "
@@ -446,9 +446,7 @@ class FFCVLoader:
         self.batch_size = cfg.data.batch_size
         self.device = device
         self.copy = copy
-        views = [(crops.global_size, crops.global_scale)] * crops.global_number + [
-            (crops.local_size, crops.local_scale)
-        ] * crops.local_number
+        views = view_specs(crops)
         self.decoder = MultiCropDecoder(views, crops.ratio, cfg.train.seed)
         image_pipeline = [self.decoder, ToTensor()]
         label_pipeline = [IntDecoder(), ToTensor()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,3 +35,17 @@ def view_augments(global_number: int, local_number: int) -> list[ViewAugment]:
         views.append(ViewAugment(1.0, 0.0) if v == 0 else ViewAugment(0.1, 0.2))
     views += [ViewAugment(0.5, 0.0)] * local_number
     return views
+
+
+class ViewSpec(NamedTuple):
+    """One random-resized crop of the recipe: output side and area-fraction range."""
+
+    size: int
+    scale: tuple[float, float]
+
+
+def view_specs(crops) -> list[ViewSpec]:
+    """Every view of ``crops`` (a :class:`~carp_fast.config.CropsConfig`), global views first:
+    the order of the views in a batch, and of :func:`view_augments`, for every backend."""
+    return ([ViewSpec(crops.global_size, tuple(crops.global_scale))] * crops.global_number
+            + [ViewSpec(crops.local_size, tuple(crops.local_scale))] * crops.local_number)

@@ -14,59 +14,16 @@ import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from carp_fast.config import Config
 from carp_fast.data import recipe
 from carp_fast.data.batch import MultiCropBatch
 from carp_fast.data.crops import sample_crop
 from carp_fast.data.folder import list_image_folder
+from carp_fast.data.sampling import EpochShardSampler, sample_rng
 
 log = logging.getLogger(__name__)
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The augmentation stream of one sample in one epoch."""
-    return np.random.default_rng([seed, epoch, index, 0xCA4F])
-
-
-class EpochShardSampler(Sampler):
-    """This rank's share of a per-epoch permutation, yielding ``(index, epoch)`` keys.
-
-    The permutation is drawn from (seed, epoch); rank r takes positions r, r + world, ...
-    and every rank gets the same number of whole batches (the tail that does not fill a
-    batch on every rank is left out this epoch and comes back in the next shuffle).
-    ``start_batch`` skips batches already consumed, for mid-epoch resume.
-    """
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world: int, seed: int):
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world = world
-        self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
-        self.batches_per_epoch = (num_samples // world) // batch_size
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"{num_samples} images cannot fill one batch of {batch_size} on each of "
-                f"{world} process(es); lower data.batch_size"
-            )
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch = epoch
-        self.start_batch = start_batch
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)
-        shard = order[self.rank :: self.world][: self.batches_per_epoch * self.batch_size]
-        for index in shard[self.start_batch * self.batch_size :].tolist():
-            yield (index, self.epoch)
 
 
 class MultiCropTransform:
@@ -74,9 +31,7 @@ class MultiCropTransform:
 
     def __init__(self, cfg: Config, augment: bool = True):
         crops = cfg.crops
-        self.views = [(crops.global_size, crops.global_scale)] * crops.global_number + [
-            (crops.local_size, crops.local_scale)
-        ] * crops.local_number
+        self.views = recipe.view_specs(crops)
         self.ratio = crops.ratio
         self.global_number = crops.global_number
         self.augments = recipe.view_augments(crops.global_number, crops.local_number)
