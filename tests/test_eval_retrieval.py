@@ -157,3 +157,18 @@ def test_map_at_r_perfect_and_random():
     random = retrieval.map_at_r(torch.randn(200, 16, generator=generator), torch.randint(0, 4, (200,), generator=generator),
                                 torch.randn(400, 16, generator=generator), torch.randint(0, 4, (400,), generator=generator))
     assert random["map@r"] < 15.0 and abs(random["r_precision"] - 25.0) < 5.0
+
+
+def test_multiscale_features_are_the_mean_over_bilinear_rescales():
+    from carp_fast.eval import features as feat
+
+    backbone = feat.random_encoder("resnet18", seed=1).backbone
+    images = torch.randn(2, 3, 64, 48)
+    expected = sum(
+        backbone(F.interpolate(images, scale_factor=s, mode="bilinear", align_corners=False) if s != 1 else images)
+        for s in retrieval.MULTISCALE
+    ) / 3
+    with torch.no_grad():
+        got = feat.forward_features(backbone, images, scales=retrieval.MULTISCALE)
+        assert torch.allclose(got, expected.detach(), atol=1e-5)
+        assert not torch.allclose(got, feat.forward_features(backbone, images), atol=1e-3)
