@@ -14,6 +14,10 @@ the natural score for a single-label ImageFolder.
 With several costs the cited code keeps, for each k, the best cost's mean mAP, which is
 chosen on the test split; we report every cost and mark that choice as such.
 
+CARP's other low-shot result, iNaturalist 2018 with k images per class, trains a linear
+layer with SGD on augmented crops (``evaluate_inat2018.py``); that is the linear probe's
+protocol on a k-shot subset, not this module's.
+
 The SVMs are scikit-learn's ``LinearSVC`` (``pip install scikit-learn``).
 """
 

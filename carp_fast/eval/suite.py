@@ -13,7 +13,10 @@ settings; ``docs/eval_suite_example.yaml`` shows every key. Before any feature i
 extracted the whole spec is checked: folders, ground-truth files and image lists are
 read, every image's header is opened (``check_images``), and protocol requirements
 (enough images per class for the largest shot count...) are tested, so a missing data
-set, a wrong layout or an unreadable file ends the run at once with its name.
+set, a wrong layout or an unreadable file ends the run at once with its name. (A file
+whose header reads but whose pixels are truncated shows only when decoded: in a
+retrieval or copy-detection set, whose ground truth indexes images by position, that
+ends the run naming it; in an ImageFolder it is left out and listed, as k-NN does.)
 
 Features are extracted once per (network, data set, image transform) and cached under
 ``cache_dir/view-<hash>/`` (``view.json`` there records the transform; a folder whose
