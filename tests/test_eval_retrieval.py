@@ -109,6 +109,22 @@ def test_bad_ground_truth_is_named(tmp_path, breakage, message):
         retrieval.load_revisited(folder)
 
 
+def test_queries_cropped_to_their_box_once(tmp_path):
+    from PIL import Image
+
+    data = retrieval.load_revisited(write_revisited(tmp_path))
+    crops = retrieval.crop_queries(data, tmp_path / "crops")
+    assert len(crops) == 2
+    with Image.open(crops[1]) as image:
+        assert image.size == (10, 10)  # gnd_entry's bbx [0, 0, 10, 10]
+    mtimes = [p.stat().st_mtime_ns for p in (tmp_path / "crops").iterdir()]
+    assert retrieval.crop_queries(data, tmp_path / "crops") == crops
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "crops").iterdir()] == mtimes  # reused
+    data.gnd[0]["bbx"] = None
+    with pytest.raises(retrieval.RetrievalDataError, match="query 0 .* has no bbx"):
+        retrieval.crop_queries(data, tmp_path / "crops")
+
+
 def test_thumbnail_keeps_the_aspect_and_never_enlarges():
     from PIL import Image
 

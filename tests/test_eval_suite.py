@@ -34,6 +34,8 @@ def folder_set(root, **protocols):
         ({"datasets": [{"name": "a", "train": "t", "val": "v", "protocols": {"fewshot": {"shots": [1, "x"]}}}]},
          r"fewshot.shots\[1\]: expected an integer"),
         ({"datasets": [{"name": "a", "kind": "revisited", "protocols": {"retrieval": {}}}]}, "needs path"),
+        ({"datasets": [{"name": "a", "train": "t", "val": "v", "crop_queries": True, "protocols": {"knn": {}}}]},
+         "crop_queries applies to revisited data sets only"),
         ({"datasets": [{"train": "t", "val": "v", "protocols": {"knn": {}}}]}, r"datasets\[0\].name is required"),
         ({"datasets": [{"name": "a", "train": "t", "val": "v", "protocols": {"knn": {}}}] * 2}, "used twice"),
         ({"datasets": [{"name": "a", "train": "t", "val": "v", "protocols": {"knn": {"tempreature": 1}}}]},
@@ -88,6 +90,8 @@ def test_every_protocol_on_tiny_data_then_from_cache(world, monkeypatch, capsys)
         folder_set(world["folder"], knn={"k": [1, 3]}, linear={"epochs": 2, "batch_size": 8},
                    kmeans={"seeds": [0, 1]}, fewshot={"shots": [1, 2], "runs": 2}, retrieval=None),
         {"name": "rtoy", "kind": "revisited", "path": str(world["revisited"]), "image_size": 40, "protocols": {"retrieval": None}},
+        {"name": "rtoy-crop", "kind": "revisited", "path": str(world["revisited"]), "image_size": 40, "crop_queries": True,
+         "multiscale": False, "protocols": {"retrieval": None}},
         {"name": "copydays", "kind": "copydays", "path": str(world["copydays"]), "distractors": str(world["distractors"]),
          "whitening": str(world["folder"] / "train" / "disc"), "image_size": 32, "protocols": {"copydetection": {"max_rank": 5}}},
     ]
@@ -98,7 +102,8 @@ def test_every_protocol_on_tiny_data_then_from_cache(world, monkeypatch, capsys)
     report = json.loads((out / "suite.json").read_text())
     assert json.loads(bench.read_text()) == report
     trained, random = report["results"]["CARP teacher (this run)"], report["results"]["random init"]
-    assert set(trained) == {"tiny", "rtoy", "copydays"}
+    assert set(trained) == {"tiny", "rtoy", "rtoy-crop", "copydays"}
+    assert trained["rtoy-crop"]["retrieval"]["crop_queries"] and not trained["rtoy"]["retrieval"]["crop_queries"]
     assert set(trained["tiny"]) == {"knn", "linear", "kmeans", "fewshot", "retrieval"}
     assert set(trained["tiny"]["knn"]["results"]) == {"1", "3"}
     assert set(trained["tiny"]["fewshot"]["shots"]) == {"1", "2"}
@@ -114,9 +119,10 @@ def test_every_protocol_on_tiny_data_then_from_cache(world, monkeypatch, capsys)
     for title in ("k-NN top-1", "k-means", "Low-shot", "Retrieval", "Copy detection", "Linear probe"):
         assert title in markdown
     assert "| random init |" in markdown and "tiny 1-NN" in markdown and "rtoy H mAP" in markdown
-    # Three views (centre crop, thumbnail, square), each signed.
+    # Four views (centre crop, multi-scale thumbnail, cropped single-scale thumbnail, square), each signed.
     views = sorted((world["tmp"] / "cache").iterdir())
-    assert len(views) == 3 and all((v / "view.json").is_file() for v in views)
+    assert len(views) == 4 and all((v / "view.json").is_file() for v in views)
+    assert len(list(world["tmp"].glob("cache/view-*/query_crops_rtoy-crop/*.png"))) == 2
 
     # A second run reads every feature from the cache.
     def no_extraction(*args, **kwargs):
@@ -126,7 +132,7 @@ def test_every_protocol_on_tiny_data_then_from_cache(world, monkeypatch, capsys)
     assert suite.main(["--ckpt", str(world["run"]), "--spec", str(spec), "--out", str(out), "--quiet", "--only", "knn,retrieval"]) == 0
     again = json.loads((out / "suite.json").read_text())
     assert again["results"]["random init"]["tiny"]["knn"]["results"] == random["tiny"]["knn"]["results"]
-    assert set(again["results"]["random init"]) == {"tiny", "rtoy"}
+    assert set(again["results"]["random init"]) == {"tiny", "rtoy", "rtoy-crop"}
 
 
 def forbid_extraction(monkeypatch):

@@ -7,8 +7,9 @@ is shrunk to fit ``imsize`` (aspect kept, PIL thumbnail; 224 by default in the c
 DINO's paper uses 512), ImageNet-normalised and, with ``multiscale``, passed through the
 backbone at scales 1, 1/sqrt(2) and 1/2 (bilinear) with the three features averaged;
 features are L2-normalised and the database ranked by cosine similarity to each query.
-Queries are not cropped to their box (as the cited code; the ``bbx`` entries are read and
-checked, nothing more). Scores follow the revisited protocol: for **Easy** the positives
+Queries are not cropped to their box by default (as the cited code); with
+``crop_queries`` each query is first cropped to its ``bbx`` (the revisited toolkit's own
+protocol), the crops kept losslessly in the feature cache. Scores follow the revisited protocol: for **Easy** the positives
 are ``easy`` and ``junk + hard`` is ignored, for **Medium** ``easy + hard`` against
 ``junk``, for **Hard** ``hard`` against ``junk + easy``; an ignored image is taken out of
 the ranking before the AP is computed. The AP is the trapezoid area of the precision-recall
@@ -146,6 +147,30 @@ def load_revisited(root: str | Path) -> RevisitedSet:
     images = [str(root / "jpg" / f"{name}.jpg") for name in imlist]
     queries = [str(root / "jpg" / f"{name}.jpg") for name in qimlist]
     return RevisitedSet(root, path.stem[len("gnd_"):], images, queries, gnd)
+
+
+def crop_queries(data: RevisitedSet, folder: Path) -> list[str]:
+    """Each query cropped to its ground-truth box, saved as PNG under ``folder`` (once);
+    the crops' paths. A query without a box is an error naming it."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    crops = []
+    for q, (path, entry) in enumerate(zip(data.queries, data.gnd)):
+        box = entry.get("bbx")
+        if box is None or len(box) != 4:
+            raise RetrievalDataError(f"gnd_{data.name}.pkl: query {q} ({path}) has no bbx to crop to")
+        box = tuple(int(round(float(v))) for v in box)
+        # The box is in the name: a changed ground truth makes a new crop, not a stale hit.
+        target = folder / f"{q:05d}_{Path(path).stem}_{'_'.join(map(str, box))}.png"
+        if not target.exists():
+            with Image.open(path) as image:
+                crop = image.convert("RGB").crop(box)
+            partial = target.with_name(target.name + ".partial")
+            crop.save(partial, format="PNG")
+            partial.replace(target)  # a crash leaves no half-written crop under the final name
+        crops.append(str(target))
+    return crops
 
 
 def thumbnail_transform(imsize: int) -> Callable:

@@ -168,6 +168,8 @@ class DatasetSpec:
     """imagefolder: centre crop (224); revisited: longest side (224); copydays: square side (320)."""
     multiscale: bool = True
     """revisited: average the features at scales 1, 1/sqrt(2), 1/2."""
+    crop_queries: bool = False
+    """revisited: crop each query to its gnd bbx first (the revisited toolkit; DINO does not)."""
     protocols: dict = field(default_factory=dict)
     """Protocol name -> its settings (empty for the defaults)."""
 
@@ -180,6 +182,8 @@ class DatasetSpec:
             self.image_size = DEFAULT_SIZE[self.kind]
         if self.image_size <= 0:
             raise ConfigError(f"dataset {self.name!r}: image_size must be positive")
+        if self.crop_queries and self.kind != "revisited":
+            raise ConfigError(f"dataset {self.name!r}: crop_queries applies to revisited data sets only")
 
 
 @dataclass
@@ -321,9 +325,13 @@ def prepare_dataset(dataset: DatasetSpec, check_images: bool, progress: bool) ->
                     raise SuiteError(f"{where}: k-means with k={prepared.num_classes} needs at least that many {fit} images")
         elif dataset.kind == "revisited":
             data = retrieval.load_revisited(dataset.path)
+            if dataset.crop_queries:
+                missing = [q for q, entry in enumerate(data.gnd) if entry.get("bbx") is None or len(entry["bbx"]) != 4]
+                if missing:
+                    raise SuiteError(f"{where}: crop_queries, but query {missing[0]} ({data.queries[missing[0]]}) has no bbx")
             prepared = PreparedSet(
                 dataset, {"db": [(p, 0) for p in data.images], "queries": [(p, 0) for p in data.queries]},
-                extra={"gnd": data.gnd, "gnd_name": data.name},
+                extra={"gnd": data.gnd, "gnd_name": data.name, "revisited": data},
             )
         else:
             data = copydetection.load_copydays(dataset.path, dataset.distractors, dataset.whitening)
@@ -355,7 +363,8 @@ def view_of(dataset: DatasetSpec) -> tuple[dict, Callable | None, tuple[float, .
     if dataset.kind == "revisited":
         scales = retrieval.MULTISCALE if dataset.multiscale else (1.0,)
         return (
-            {"transform": "thumbnail", "size": dataset.image_size, "scales": list(scales)},
+            {"transform": "thumbnail", "size": dataset.image_size, "scales": list(scales),
+             "crop_queries": dataset.crop_queries},
             retrieval.thumbnail_transform(dataset.image_size), scales, 1,
         )
     return (
@@ -515,7 +524,7 @@ def run_protocols(
                 result = retrieval.map_at_r(val.features, val.labels, train.features, train.labels, device=device)
         elif spec.kind == "revisited":
             result = retrieval.revisited_evaluate(features["queries"].features, features["db"].features, prepared.extra["gnd"])
-            result["multiscale"] = spec.multiscale
+            result["multiscale"], result["crop_queries"] = spec.multiscale, spec.crop_queries
         else:
             whitening = features.get("whitening")
             result = copydetection.copydetection_evaluate(
@@ -530,6 +539,7 @@ def run_protocols(
 
 def run(args: argparse.Namespace) -> dict:
     from carp_fast.eval import features as feat
+    from carp_fast.eval import retrieval
 
     echo = lambda line: print(line, flush=True)  # noqa: E731
     spec = load_spec(args.spec)
@@ -581,6 +591,10 @@ def run(args: argparse.Namespace) -> dict:
         echo(f"[{number}/{len(prepared_sets)}] {dataset.name} ({dataset.kind}): {', '.join(dataset.protocols)}")
         view, transform, scales, batch = view_of(dataset)
         cache = view_cache_dir(cache_root, view)
+        if dataset.kind == "revisited" and dataset.crop_queries:
+            # Cropped after validation: the crops live in the (signed) view folder.
+            crops = retrieval.crop_queries(prepared.extra["revisited"], cache / f"query_crops_{dataset.name}")
+            prepared.images["queries"] = [(path, 0) for path in crops]
         started = time.perf_counter()
         per_encoder: list[dict[str, Any]] = [{} for _ in encoders]
         for role, samples in prepared.images.items():
