@@ -101,7 +101,7 @@ def test_every_protocol_on_tiny_data_then_from_cache(world, monkeypatch, capsys)
     assert suite.main(["--ckpt", str(world["run"]), "--spec", str(spec), "--out", str(out), "--json", str(bench), "--quiet"]) == 0
     report = json.loads((out / "suite.json").read_text())
     assert json.loads(bench.read_text()) == report
-    trained, random = report["results"]["CARP teacher (this run)"], report["results"]["random init"]
+    trained, random = report["results"]["CARP teacher"], report["results"]["random init"]
     assert set(trained) == {"tiny", "rtoy", "rtoy-crop", "copydays"}
     assert trained["rtoy-crop"]["retrieval"]["crop_queries"] and not trained["rtoy"]["retrieval"]["crop_queries"]
     assert set(trained["tiny"]) == {"knn", "linear", "kmeans", "fewshot", "retrieval"}
@@ -175,6 +175,16 @@ def test_missing_files_and_layouts_are_named(world, monkeypatch, capsys):
     bad_yaml = world["tmp"] / "bad.yaml"
     bad_yaml.write_text("datasets: [unclosed")
     run_expecting_error(world, bad_yaml, capsys, "not valid YAML")
+
+
+def test_a_foreign_cache_folder_of_a_later_data_set_fails_before_any_extraction(world, monkeypatch, capsys):
+    forbid_extraction(monkeypatch)
+    rtoy = {"name": "rtoy", "kind": "revisited", "path": str(world["revisited"]), "protocols": {"retrieval": None}}
+    spec = write_spec(world, [folder_set(world["folder"]), rtoy])
+    view = suite.view_of(suite.load_spec(spec).datasets[1])[0]
+    folder = suite.view_cache_dir(world["tmp"] / "cache", view)
+    (folder / "view.json").write_text("{}")
+    run_expecting_error(world, spec, capsys, "holds features of something else")
 
 
 def test_files_it_did_not_write_are_not_overwritten(world, monkeypatch, capsys):

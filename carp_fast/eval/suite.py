@@ -567,13 +567,16 @@ def run(args: argparse.Namespace) -> dict:
     echo(f"checking {len(spec.datasets)} data set(s) of {args.spec}")
     prepared_sets = [prepare_dataset(d, spec.check_images, not args.quiet) for d in spec.datasets]
     cache_root = Path(spec.cache_dir) if spec.cache_dir else out / "feature_cache"
+    # Every cache folder is checked (a foreign one refused) before the first extraction.
+    views = [view_of(prepared.spec) for prepared in prepared_sets]
+    caches = [view_cache_dir(cache_root, view[0]) for view in views]
 
     encoders = [encoder]
     if compare_random:
         config = weights.get("config") or {}
         seed = config.get("train", {}).get("seed", 0)
         encoders.append(feat.random_encoder(encoder.identity["arch"], seed, feat._zero_init_residual(weights)))
-    names = [f"CARP {spec.which} (this run)", "random init"][: len(encoders)]
+    names = [f"CARP {spec.which}", "random init"][: len(encoders)]
 
     report: dict[str, Any] = {
         "tool": TOOL,
@@ -586,11 +589,9 @@ def run(args: argparse.Namespace) -> dict:
         "results": {name: {} for name in names},
         "feature_seconds": {},
     }
-    for number, prepared in enumerate(prepared_sets, 1):
+    for number, (prepared, (view, transform, scales, batch), cache) in enumerate(zip(prepared_sets, views, caches), 1):
         dataset = prepared.spec
         echo(f"[{number}/{len(prepared_sets)}] {dataset.name} ({dataset.kind}): {', '.join(dataset.protocols)}")
-        view, transform, scales, batch = view_of(dataset)
-        cache = view_cache_dir(cache_root, view)
         if dataset.kind == "revisited" and dataset.crop_queries:
             # Cropped after validation: the crops live in the (signed) view folder.
             crops = retrieval.crop_queries(prepared.extra["revisited"], cache / f"query_crops_{dataset.name}")
