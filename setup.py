@@ -116,6 +116,8 @@ setup(
             "ffcv>=1.0; platform_system == 'Linux'",
             "numba>=0.57; platform_system == 'Linux'",
             "timm",
+            # k-means scores and few-shot SVMs of carp_fast.eval (imported where used).
+            "scikit-learn",
             # tests/test_slice_kernels_emulated.py builds the CPU emulation of the CUDA kernels
             # with torch.utils.cpp_extension.load, which needs ninja.
             "ninja",
@@ -123,6 +125,7 @@ setup(
         "ffcv": ["ffcv>=1.0", "numba>=0.57", "opencv-python-headless"],
         "dali": ["nvidia-dali-cuda120"],
         "tensorboard": ["tensorboard"],
+        "eval": ["scikit-learn"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -335,6 +335,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 f"{key}: {value!r} is not one of {', '.join(map(repr, args))}{hint_text}"
             )
         return value
+    if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+        # Variable length: list[X] or tuple[X, ...].
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return origin(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")

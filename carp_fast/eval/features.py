@@ -202,7 +202,17 @@ def prepare_backbone(backbone: nn.Module, device: torch.device) -> nn.Module:
     return backbone
 
 
-def forward_features(backbone: nn.Module, images: torch.Tensor, amp: str = "off") -> torch.Tensor:
+def forward_features(
+    backbone: nn.Module, images: torch.Tensor, amp: str = "off", scales: Sequence[float] = (1.0,)
+) -> torch.Tensor:
+    """Pooled features; with several ``scales`` (bilinear resizes of the input) their mean,
+    DINO's multi-scale retrieval descriptor."""
+    if tuple(scales) != (1.0,):
+        return sum(
+            forward_features(backbone, images if s == 1 else torch.nn.functional.interpolate(
+                images, scale_factor=s, mode="bilinear", align_corners=False), amp)
+            for s in scales
+        ) / len(scales)
     if images.device.type == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
     if amp == "bf16" and images.device.type == "cuda":
@@ -221,10 +231,16 @@ def extract_features(
     device: torch.device | str = "cpu",
     amp: str = "off",
     progress: bool = False,
+    transform: Callable | None = None,
+    scales: Sequence[float] = (1.0,),
 ) -> list[Features]:
-    """Features of every sample under each encoder, decoding each image once."""
+    """Features of every sample under each encoder, decoding each image once.
+
+    ``transform`` replaces the centre-crop :func:`eval_transform` (images of different
+    sizes then need ``batch_size=1``); ``scales`` as :func:`forward_features`.
+    """
     device = torch.device(device)
-    dataset = ImageListDataset(samples, eval_transform(image_size), image_size)
+    dataset = ImageListDataset(samples, transform or eval_transform(image_size), image_size)
     loader = make_loader(dataset, batch_size, num_workers, device)
     backbones = [prepare_backbone(e.backbone, device) for e in encoders]
     outputs: list[torch.Tensor | None] = [None] * len(encoders)
@@ -243,7 +259,7 @@ def extract_features(
                 log.warning("skipped unreadable image %s (%s)", samples[index][0], error)
         images = images.to(device, non_blocking=True)
         for slot, backbone in enumerate(backbones):
-            feats = forward_features(backbone, images, amp).cpu()
+            feats = forward_features(backbone, images, amp, scales).cpu()
             if outputs[slot] is None:
                 # One allocation for the whole split: no list of batches to concatenate.
                 outputs[slot] = torch.empty(len(samples), feats.shape[1], dtype=torch.float32)

@@ -209,17 +209,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from carp_fast.checkpoint import CheckpointError
-    from carp_fast.data.folder import DataPathError
+    from carp_fast.eval import run_cli
 
-    try:
-        run(args)
-    except (CheckpointError, DataPathError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == "__main__":
