@@ -39,7 +39,7 @@ def folder_set(root, **protocols):
         ({"datasets": [{"train": "t", "val": "v", "protocols": {"knn": {}}}]}, r"datasets\[0\].name is required"),
         ({"datasets": [{"name": "a", "train": "t", "val": "v", "protocols": {"knn": {}}}] * 2}, "used twice"),
         ({"datasets": [{"name": "a", "train": "t", "val": "v", "protocols": {"knn": {"tempreature": 1}}}]},
-         "did you mean .*'temperature'"),
+         "did you mean '.*knn.temperature'"),
     ],
 )
 def test_spec_errors_name_the_key(values, message):
