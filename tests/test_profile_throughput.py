@@ -153,3 +153,20 @@ def test_loss_timing_covers_exactly_the_implementations_asked_for(tiny_config):
     profiler = load_tool("profile_throughput")
     timed = profiler.time_losses(tiny_config(), profiler.torch.device("cpu"), 1, 3, 2, impls=("reference",))
     assert set(timed) == {"reference", "shape"} and timed["reference"]["median_s"] > 0
+
+
+def test_suite_row_puts_each_protocols_headline_of_every_network_side_by_side():
+    report = load_tool("performance_report")
+
+    def results(knn, nmi, copies):
+        return {"d": {"knn": {"results": {"20": {"top1": knn + 1}, "10": {"top1": knn}}},
+                      "kmeans": {"nmi": nmi}},
+                "c": {"copydetection": {"map": copies}}}
+
+    record = {"tool": "carp_fast.eval.suite", "spec": "docs/spec.yaml", "arch": "resnet18",
+              "which": "teacher", "datasets": {"d": {}, "c": {}}, "feature_seconds": {"d": 3.0, "c": 1.5},
+              "results": {"CARP teacher": results(50.0, 18.0, 20.0), "random init": results(40.0, 2.5, 6.0)}}
+    what, result, detail = report.suite_row("suite.json", record)
+    assert "CARP teacher vs random init" in what and "spec.yaml" in what
+    assert result == "10-NN top-1 50.0 vs 40.0; k-means NMI 18.0 vs 2.5; copy detection mAP 20.0 vs 6.0"
+    assert detail == "features extracted in 4 s"

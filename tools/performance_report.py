@@ -166,6 +166,42 @@ def demo_row(name: str, r: dict) -> list[str]:
     return [what, result]
 
 
+def suite_row(name: str, r: dict) -> list[str]:
+    """carp_fast.eval.suite: each protocol's headline figure, the network against the others."""
+    methods = list(r["results"])
+    what = (f"evaluation suite ({r['spec'].rsplit('/', 1)[-1]}): {r['arch']} {r['which']}, "
+            f"{' vs '.join(methods)}, on {', '.join(r['datasets'])}")
+
+    def headline(protocol: str, v: dict) -> tuple[str, float] | None:
+        if protocol == "knn":
+            k = min(v["results"], key=int)
+            return f"{k}-NN top-1", v["results"][k]["top1"]
+        if protocol == "linear":
+            return "linear top-1", v["top1"]
+        if protocol == "kmeans":
+            return "k-means NMI", v["nmi"]
+        if protocol == "fewshot":
+            shots = max(v["shots"], key=int)
+            cost = next(iter(v["shots"][shots]["costs"].values()))
+            return f"{shots}-shot mAP", cost["map"]["mean"]
+        if protocol == "retrieval":
+            return ("mAP@R", v["map@r"]) if "map@r" in v else ("retrieval mAP (medium)", v["medium"]["map"])
+        if protocol == "copydetection":
+            return "copy detection mAP", v["map"]
+        return None
+
+    cells = []
+    first = r["results"][methods[0]]
+    for dataset, protocols in first.items():
+        for protocol in protocols:
+            figures = [headline(protocol, r["results"][m][dataset][protocol]) for m in methods]
+            if figures[0] is None:
+                continue
+            label = figures[0][0]
+            cells.append(f"{label} " + " vs ".join(f"{value:.1f}" for _, value in figures))
+    return [what, "; ".join(cells), f"features extracted in {sum(r['feature_seconds'].values()):.0f} s"]
+
+
 # Recognised by keys every JSON of that kind has; the first match wins.
 RENDERERS = (
     (("median_ms", "peak_extra_memory_mib"), loss_row),
@@ -175,6 +211,7 @@ RENDERERS = (
     (("comparisons", "profiler"), check_row),
     (("compute", "verdict", "shape"), profile_row),
     (("knn", "train_wall_s"), demo_row),
+    (("tool", "results", "feature_seconds"), suite_row),
 )
 
 
