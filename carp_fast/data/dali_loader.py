@@ -66,7 +66,7 @@ from carp_fast.config import Config
 from carp_fast.data.batch import MultiCropBatch
 from carp_fast.data.crops import sample_crop
 from carp_fast.data.recipe import FLIP_P
-from carp_fast.data.sources import UnreadableImage, image_size, open_source
+from carp_fast.data.sources import image_size, open_source, read_readable
 from carp_fast.data.sources import pil_decode_error as _pil_decode_error
 from carp_fast.data.torchvision_loader import EpochShardSampler, sample_rng
 
@@ -228,19 +228,9 @@ class DALILoader:
     def _read_readable(self, index: int) -> tuple[int, bytes, int, int, int]:
         """``(source index, bytes, label, height, width)`` of sample ``index`` or, if it is
         unreadable, of the next readable one."""
-        n = len(self.source)
-        for offset in range(n):
-            j = (index + offset) % n
-            if j in self._bad:
-                continue
-            try:
-                data, label = self.source.read(j)
-                height, width = image_size(data)
-            except (OSError, UnreadableImage) as error:
-                self._mark_bad(j, str(error))
-                continue
-            return j, data, label, height, width
-        raise RuntimeError(f"no readable image in data.path ({n} tried)")
+        j, data, label, (height, width) = read_readable(
+            self.source, index, self._bad.__contains__, self._mark_bad, image_size)
+        return j, data, label, height, width
 
     def prepare_sample(self, index: int, epoch: int):
         """Encoded bytes, label, source index and ROIs of one sample (reader threads)."""

@@ -139,6 +139,30 @@ def pil_decode_error(data: bytes) -> str | None:
 
 
 
+def read_readable(source, index: int, is_bad, mark_bad, check):
+    """``(source index, bytes, label, check(bytes))`` of sample ``index`` or, if it is
+    unreadable, of the next readable one.
+
+    ``is_bad(j)`` says whether sample j is known to be unreadable; a read that fails or
+    whose bytes ``check`` rejects (:class:`UnreadableImage`) is passed to
+    ``mark_bad(j, reason)`` and skipped, as the torchvision backend skips what PIL cannot
+    open.
+    """
+    n = len(source)
+    for offset in range(n):
+        j = (index + offset) % n
+        if is_bad(j):
+            continue
+        try:
+            data, label = source.read(j)
+            checked = check(data)
+        except (OSError, UnreadableImage) as error:
+            mark_bad(j, str(error))
+            continue
+        return j, data, label, checked
+    raise RuntimeError(f"no readable image in data.path ({n} tried)")
+
+
 # ---------------------------------------------------------------------------------------
 # Sources: encoded bytes and label of sample i, and a name for messages.
 
