@@ -176,6 +176,7 @@ COMPILE_ARGS=(train.compile=false)
   --baseline "${COMPILE_ARGS[@]}" train.amp=bf16 model.channels_last=true \
   --json "$OUT/profile_gpu.json"
 
+run_stage "nvjpeg: the first epoch from JPEG files (tools/gpu_check_nvjpeg.py)" 360 python tools/gpu_check_nvjpeg.py --json "$OUT/gpu_check_nvjpeg.json"
 log "summary"
 OUT="$OUT" python - <<'PY' 2>&1 | tee -a "$LOG"
 import json, os, re

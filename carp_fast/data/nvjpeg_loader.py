@@ -596,6 +596,7 @@ class NvjpegLoader:
             return False
 
         try:
+            torch.set_grad_enabled(False)  # this thread's; nothing here is differentiated
             if self.side_stream is None:
                 for encoded in encoded_batches:
                     if not put((self.produce(encoded), None)):
