@@ -412,13 +412,16 @@ def cut_crops(images: list[torch.Tensor], boxes: np.ndarray, flips: np.ndarray,
             np.zeros(len(box)), origin_x + box[:, 1], origin_y + box[:, 0],
             origin_x + box[:, 1] + box[:, 3], origin_y + box[:, 0] + box[:, 2],
         ], 1).astype(np.float32)
-        flip = _on_device(flips[first : first + number].reshape(-1), device)
         crops = roi_align(atlas[None], _on_device(rois, device), (size, size), spatial_scale=1.0,
                           sampling_ratio=0, aligned=True)
-        crops = torch.where(flip.view(-1, 1, 1, 1), crops.flip(-1), crops).round_().clamp_(0, 255)
         views = torch.empty((len(box), size, size, 3), dtype=torch.uint8, device=device)
-        views = views.permute(0, 3, 1, 2)  # channels-last NCHW
-        out.append(views.copy_(crops))
+        views = views.permute(0, 3, 1, 2).copy_(crops.round_().clamp_(0, 255))  # channels-last
+        # The flipped rows, known on the host (no device-to-host read), mirrored in uint8.
+        flipped = np.flatnonzero(flips[first : first + number].reshape(-1))
+        if flipped.size:
+            rows = _on_device(flipped, device)
+            views[rows] = views[rows].flip(-1)
+        out.append(views)
     return out
 
 
