@@ -461,6 +461,12 @@ def test_an_abandoned_epoch_stops_its_producer(tiny_config):
     iterator.close()
     assert not any(t.name == "carp-nvjpeg-producer" for t in threading.enumerate())
     assert len(list(loader)) == len(loader)
+    # A pass left open is stopped by the next one, and says so if resumed.
+    stale = iter(loader)
+    next(stale)
+    assert len(list(loader)) == len(loader)
+    with pytest.raises(RuntimeError, match="abandoned: a newer pass"):
+        list(stale)
 
 
 def test_the_trainer_runs_on_the_nvjpeg_backend(tiny_config):

@@ -516,6 +516,7 @@ class NvjpegLoader:
         )
         self.side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._bad: dict[int, str] = {}
+        self._running: tuple[threading.Event, threading.Thread] | None = None  # the open pass
 
     # -- the loader contract ------------------------------------------------------------
     @property
@@ -617,6 +618,11 @@ class NvjpegLoader:
             put(error)
 
     def __iter__(self):
+        # One epoch at a time: the workers' iterator is shared, so a new pass stops the
+        # producer of one still open (whose consumer then gets an error, not a hang).
+        if self._running is not None:
+            self._running[0].set()
+            self._running[1].join()
         out: queue.Queue = queue.Queue(maxsize=self.ahead)
         stop = threading.Event()
         # The workers start (fork) here, in the caller's thread: forking from a thread other
@@ -625,9 +631,16 @@ class NvjpegLoader:
         producer = threading.Thread(target=self._run_producer, args=(encoded_batches, out, stop),
                                     name="carp-nvjpeg-producer", daemon=True)
         producer.start()
+        self._running = (stop, producer)
         try:
             while True:
-                item = out.get()
+                try:
+                    item = out.get(timeout=0.5)
+                except queue.Empty:
+                    if stop.is_set() and not producer.is_alive():
+                        raise RuntimeError("this epoch's iterator was abandoned: a newer pass over "
+                                           "the nvjpeg loader started") from None
+                    continue
                 if item is _End:
                     return
                 if isinstance(item, BaseException):
@@ -646,3 +659,5 @@ class NvjpegLoader:
         finally:
             stop.set()
             producer.join()
+            if self._running is not None and self._running[1] is producer:
+                self._running = None
