@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import load_tool, needs_ffcv
 from carp_fast.config import ConfigError
-from carp_fast.data import MultiCropBatch, build_loader
+from carp_fast.data import DataPathError, MultiCropBatch, build_loader
 from carp_fast.data import nvjpeg_loader as nv
 from carp_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from carp_fast.data.torchvision_loader import EpochShardSampler
@@ -474,6 +474,14 @@ def test_the_trainer_runs_on_the_nvjpeg_backend(tiny_config):
 
     record = Trainer(nvjpeg_config(tiny_config, train__max_steps=2)).fit()
     assert record["step"] == 2 and math.isfinite(record["loss"])
+
+
+def test_data_path_errors_name_this_backend(tiny_config, tmp_path):
+    with pytest.raises(DataPathError, match="does not exist"):
+        build_loader(nvjpeg_config(tiny_config, data__path=str(tmp_path / "nope")), "cpu")
+    (tmp_path / "train.beton").write_bytes(b"x")
+    with pytest.raises(DataPathError, match="is a file; data.backend=nvjpeg reads an ImageFolder"):
+        build_loader(nvjpeg_config(tiny_config, data__path=str(tmp_path / "train.beton")), "cpu")
 
 
 def test_settings_are_validated_and_torchcodec_is_explained(tiny_config, monkeypatch):
