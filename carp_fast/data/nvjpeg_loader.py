@@ -587,7 +587,10 @@ class NvjpegLoader:
         boxes, flips = draw_views(self.seed, encoded.epoch, encoded.indices.numpy(), heights,
                                   widths, self.scales, self.ratio)
         global_views, local_views = cut_crops(images, boxes, flips, self.groups)
-        return MultiCropBatch(global_views, local_views, torch.tensor(labels, dtype=torch.int64))
+        labels = torch.tensor(labels, dtype=torch.int64)
+        if self.side_stream is not None:
+            labels = labels.pin_memory()  # so that their copy to the device never waits
+        return MultiCropBatch(global_views, local_views, labels)
 
     def _run_producer(self, encoded_batches, out: queue.Queue, stop: threading.Event) -> None:
         def put(item) -> bool:
