@@ -114,6 +114,8 @@ setup(
             "ffcv>=1.0; platform_system == 'Linux'",
             "numba>=0.57; platform_system == 'Linux'",
             "timm",
+            # The nvjpeg backend's second decoder (tests run it next to torchvision's).
+            "torchcodec",
             # tests/test_slice_kernels_emulated.py builds the CPU emulation of the CUDA kernels
             # with torch.utils.cpp_extension.load, which needs ninja.
             "ninja",
