@@ -118,6 +118,8 @@ setup(
             "timm",
             # k-means scores and few-shot SVMs of carp_fast.eval (imported where used).
             "scikit-learn",
+            # The nvjpeg backend's second decoder (tests run it next to torchvision's).
+            "torchcodec",
             # tests/test_slice_kernels_emulated.py builds the CPU emulation of the CUDA kernels
             # with torch.utils.cpp_extension.load, which needs ninja.
             "ninja",

@@ -57,11 +57,25 @@ class DALIConfig:
 
 
 @dataclass
+class NvjpegConfig:
+    """``data.nvjpeg``: the nvjpeg backend's decoder and how far it decodes ahead."""
+
+    decoder: Literal["auto", "torchvision", "torchcodec"] = "auto"
+    """Decoding library: `auto` takes TorchCodec's decoders where TorchCodec is installed, else torchvision's (deprecated since torchvision 0.29, still shipped)."""
+    ahead: int = 2
+    """Batches decoded and cropped ahead of the one training, on a side CUDA stream (each holds its uint8 crops in device memory)."""
+
+    def __post_init__(self) -> None:
+        if self.ahead < 1:
+            raise ConfigError(f"data.nvjpeg.ahead must be positive, got {self.ahead}")
+
+
+@dataclass
 class DataConfig:
-    backend: Literal["torchvision", "ffcv", "dali", "synthetic"] = "torchvision"
-    """Loader backend: `torchvision` (the published recipe on CPU workers), `ffcv`, `dali`, or `synthetic` (one random batch on the device, for measuring compute alone)."""
+    backend: Literal["torchvision", "ffcv", "dali", "nvjpeg", "synthetic"] = "torchvision"
+    """Loader backend: `torchvision` (the published recipe on CPU workers), `ffcv`, `dali`, `nvjpeg` (JPEGs decoded and cropped on the training GPU with torchvision alone), or `synthetic` (one random batch on the device, for measuring compute alone)."""
     path: str = "data/demo/train"
-    """Training data: an ImageFolder tree (torchvision, dali), a folder of webdataset .tar shards with their DALI .idx files (dali; make them with tools/make_webdataset_shards.py), or a .beton file (ffcv). Relative paths are taken from the working directory."""
+    """Training data: an ImageFolder tree (torchvision, dali, nvjpeg), a folder of webdataset .tar shards with their DALI .idx files (dali, nvjpeg; make them with tools/make_webdataset_shards.py), or a .beton file (ffcv). Relative paths are taken from the working directory."""
     batch_size: int = 32
     """Images per process per step (before gradient accumulation)."""
     num_workers: int = 2
@@ -78,6 +92,8 @@ class DataConfig:
     """Settings of the FFCV backend."""
     dali: DALIConfig = field(default_factory=lambda: DALIConfig())
     """Settings of the DALI backend."""
+    nvjpeg: NvjpegConfig = field(default_factory=lambda: NvjpegConfig())
+    """Settings of the nvjpeg backend."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size")

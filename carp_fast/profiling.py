@@ -126,6 +126,7 @@ def versions() -> dict:
         ("ffcv", ("ffcv",)),
         ("dali", ("nvidia-dali-cuda120", "nvidia-dali-cuda130", "nvidia-dali-cuda110", "nvidia-dali")),
         ("numba", ("numba",)),
+        ("torchcodec", ("torchcodec",)),  # the nvjpeg backend's decoder where installed
     ):
         found[name] = _installed_version(distributions)
     return found

@@ -27,6 +27,7 @@ LOSS_IMPLS=${LOSS_IMPLS:-published,reference,compiled,fused}
 COMPILE=${COMPILE:-0}
 PROFILE=${PROFILE:-1}
 KERNEL_STAGES=${KERNEL_STAGES:-0}
+NVJPEG=${NVJPEG:-1}  # the nvjpeg stage (0: leave it out)
 LOSS_ARGS=()  # further tools/bench_loss.py arguments (the kernel stages add some)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -96,6 +97,11 @@ if ((tests_status != 0 && tests_status != 99)); then
   fi
 fi
 
+# Training from JPEG files on this GPU (the nvjpeg backend against torchvision's, next to the
+# synthetic step): the figure no GPU run had, so it comes before the loss and step profiles.
+((NVJPEG)) && run_stage "nvjpeg: the first epoch from JPEG files (tools/gpu_check_nvjpeg.py)" 240 \
+  python tools/gpu_check_nvjpeg.py --budget 200 --json "$OUT/gpu_check_nvjpeg.json"
+
 run_stage "loss at B=256, bf16: $LOSS_IMPLS" 120 \
   python tools/bench_loss.py --device cuda --dtype bf16 --batch 256 --reps 20 \
   --impls "$LOSS_IMPLS" "${LOSS_ARGS[@]}" --json "$OUT/loss_cuda_bf16.json"
@@ -132,6 +138,9 @@ if loss:
         fb = kernels["forward_backward"]
         print(f"roofline {impl}: {fb['median_ms']:.3f} ms, {fb['of_copy_bandwidth']:.0%} of copy,",
               f"{fb['of_datasheet_peak']:.0%} of datasheet" if fb["of_datasheet_peak"] else "")
+nvjpeg = load("gpu_check_nvjpeg.json")
+if nvjpeg:
+    print("nvjpeg:", nvjpeg["verdict"]["text"])
 prof = load("profile_gpu.json")
 if prof:
     line = f"profile: batch {prof['shape']['batch_per_process']}, compute {prof['compute']['images_per_s']:.0f} img/s"

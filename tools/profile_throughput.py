@@ -45,7 +45,7 @@ from carp_fast.loss import carp_loss, draw_partition  # noqa: E402
 from carp_fast.model import CarpModel  # noqa: E402
 from carp_fast.trainer import Trainer  # noqa: E402
 
-PRODUCER_BACKENDS = ("ffcv", "dali")
+PRODUCER_BACKENDS = ("ffcv", "dali", "nvjpeg")
 PHASES = ("data", "forward", "loss", "backward", "optimizer")
 
 

@@ -114,6 +114,15 @@ def build_loader(
         backend = DALILoader(cfg, rank, world, device)
         augment = MultiCropAugment.from_config(cfg, rank) if device_augment else None
         return DeviceLoader(backend, device, dtype, augment)
+    elif backend_name == "nvjpeg":
+        from carp_fast.data.augment import MultiCropAugment
+        from carp_fast.data.nvjpeg_loader import NvjpegLoader
+
+        # Decoded by nvJPEG and cropped on `device` (libjpeg-turbo and CPU kernels on a CPU
+        # device); every batch is a fresh tensor.
+        backend = NvjpegLoader(cfg, rank, world, device)
+        augment = MultiCropAugment.from_config(cfg, rank) if device_augment else None
+        return DeviceLoader(backend, device, dtype, augment)
     else:
         raise NotImplementedError(f"data.backend={backend_name!r} is not available yet")
     return DeviceLoader(backend, device, dtype)
