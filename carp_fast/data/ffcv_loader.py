@@ -346,7 +346,7 @@ def _horizontal_pass(rows, first, count, weights, out):
 
 @njit(nogil=True, cache=True)
 def resize_crop(image, top, left, crop_h, crop_w, out, flip):
-    """Resample the box of the HWC uint8 ``image`` into the square HWC ``out``.
+    """Resample the box of the C-contiguous HWC uint8 ``image`` into the square HWC ``out``.
 
     PIL's BICUBIC of the cut-out box (torchvision's ``resized_crop`` on a PIL image),
     mirrored when ``flip``. The intermediate keeps float32 (PIL rounds it to uint8).
