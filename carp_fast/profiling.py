@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import math
 import os
 import platform
 import shlex
@@ -151,3 +153,38 @@ def run_record(argv: list[str] | None = None) -> dict:
         "versions": versions(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+# The GPU step the producer has to keep fed: the compiled compute step of the published
+# shape, as recorded by tools/profile_throughput.py on the GPU machine.
+RECORDED_GPU_STEP = ROOT / "benchmarks" / "profile_gpu_h200.json"
+
+
+def recorded_gpu_step(path: Path = RECORDED_GPU_STEP) -> dict | None:
+    """``{"images_per_s", "source"}`` of the recorded GPU compute step (compiled where it was
+    measured, else eager), or None where no record is readable."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("compute_compiled", "compute"):
+        images_per_s = record.get(key, {}).get("images_per_s")
+        if images_per_s:
+            gpu = record.get("machine", {}).get("gpu") or "GPU"
+            return {"images_per_s": float(images_per_s),
+                    "source": f"{Path(path).name} {key} ({gpu}, batch {record[key].get('batch_size')})"}
+    return None
+
+
+def producer_cores_per_gpu(producer_images_per_core_s: float, gpu_images_per_s: float) -> int:
+    """Producer cores one GPU needs: its step's images/s over one core's, rounded up."""
+    if producer_images_per_core_s <= 0:
+        raise ValueError(f"producer rate must be positive, got {producer_images_per_core_s}")
+    return math.ceil(gpu_images_per_s / producer_images_per_core_s)
+
+
+def cores_per_gpu_verdict(producer_images_per_core_s: float, gpu_images_per_s: float, source: str) -> str:
+    """The sentence both the loader benchmark and the profiler print."""
+    cores = producer_cores_per_gpu(producer_images_per_core_s, gpu_images_per_s)
+    return (f"this recipe needs {cores} producer cores per GPU ({producer_images_per_core_s:.0f} images/s "
+            f"per producer core against {gpu_images_per_s:.0f} images/s per GPU step, {source})")

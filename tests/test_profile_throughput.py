@@ -170,3 +170,41 @@ def test_suite_row_puts_each_protocols_headline_of_every_network_side_by_side():
     assert "CARP teacher vs random init" in what and "spec.yaml" in what
     assert result == "10-NN top-1 50.0 vs 40.0; k-means NMI 18.0 vs 2.5; copy detection mAP 20.0 vs 6.0"
     assert detail == "features extracted in 4 s"
+
+
+def test_producer_cores_per_gpu_is_one_computation_for_bench_and_profiler(tmp_path):
+    """Cores round up; the GPU step is read from a profile record (compiled first); the
+    profiler's verdict divides its fastest producer by the worker threads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from carp_fast import profiling
+
+    assert profiling.producer_cores_per_gpu(500.0, 1850.0) == 4
+    assert profiling.producer_cores_per_gpu(925.0, 1850.0) == 2
+    with pytest.raises(ValueError, match="positive"):
+        profiling.producer_cores_per_gpu(0.0, 1850.0)
+    record = tmp_path / "profile.json"
+    record.write_text(json.dumps({"machine": {"gpu": "GPU X"},
+                                  "compute": {"images_per_s": 1000.0, "batch_size": 8},
+                                  "compute_compiled": {"images_per_s": 1500.0, "batch_size": 8}}))
+    step = profiling.recorded_gpu_step(record)
+    assert step["images_per_s"] == 1500.0 and "compute_compiled" in step["source"] and "GPU X" in step["source"]
+    assert profiling.recorded_gpu_step(tmp_path / "absent.json") is None
+    assert profiling.cores_per_gpu_verdict(500.0, 1500.0, "here").startswith("this recipe needs 3 producer cores per GPU")
+
+    profiler = load_tool("profile_throughput")
+    report = {"loaders": {"torchvision": {"images_per_s": 5.0},
+                          "ffcv": {"images_per_s": 10.0, "producer_images_per_s": 1000.0},
+                          "dali": {"images_per_s": 9.0, "producer_images_per_s": 800.0}},
+              "compute": {"images_per_s": 30.0}, "compute_compiled": {"images_per_s": 2100.0}}
+    cfg = SimpleNamespace(data=SimpleNamespace(num_workers=2))
+    on_gpu = profiler.producer_cores(report, cfg, torch.device("cuda"))
+    assert on_gpu["backend"] == "ffcv" and on_gpu["producer_images_per_s_per_core"] == 500.0
+    assert on_gpu["cores"] == 5 and on_gpu["gpu_step_images_per_s"] == 2100.0
+    on_cpu = profiler.producer_cores(report, cfg, torch.device("cpu"))
+    recorded = profiling.recorded_gpu_step()
+    assert on_cpu["cores"] == profiling.producer_cores_per_gpu(500.0, recorded["images_per_s"])
+    assert profiler.producer_cores({"loaders": {"torchvision": {"images_per_s": 5.0}}}, cfg,
+                                   torch.device("cpu")) is None

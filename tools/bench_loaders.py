@@ -1,38 +1,43 @@
 #!/usr/bin/env python
-"""CPU loader throughput: the FFCV producer against the published torchvision recipe.
+"""CPU producer throughput: the FFCV producer per core against its decoder and the published recipe.
 
-    python tools/bench_loaders.py [--images 512] [--batch-size 64] [--workers 2] [--reps 5]
-                                  [--data-dir data/bench_photos] [--json benchmarks/loaders_cpu.json]
+    python tools/bench_loaders.py --json benchmarks/ffcv_producer_cpu.json
 
-On a GPU node the producer (decode once, eight crops with flips, uint8 to the device) is
-the only work left on the CPU per image, so its images/s per core is what decides whether
-the GPU waits. Measured here, all in one process and interleaved rep by rep so that
-other load on the machine hits every contender alike (medians, then ratios):
+On a GPU node the producer (decode once, 2x224 + 6x96 crops with flips, uint8 out) is
+the only per-image work left on the CPU, so its images/s per core decides how many
+cores each GPU needs. Measured in one process, interleaved rep by rep so that other
+load on the machine hits every contender alike (medians, then ratios):
 
-  torchvision     the published recipe, all of it on CPU workers (device_augment=True)
-  ffcv_producer   the FFCV producer alone (device_augment=False), same worker count
-  ffcv_full       the FFCV producer plus the augmentation module on CPU tensors
-  augment_only    the augmentation module alone on one producer batch (CPU, per batch)
+  decode_only        libjpeg-turbo through FFCV on one thread, every JPEG of the all-JPEG
+                     .beton (the ceiling: the producer cannot beat its own decoder)
+  producer           this tree's FFCV producer, --workers threads (and 1 thread), on the
+                     all-JPEG .beton and on the converter's defaults (max side 500, half raw)
+  producer_before    the producer at --before (git revision), the same runs
+  torchvision        the published recipe, all of it on --workers CPU worker processes
+  ffcv_full          (--augment) the producer plus the augmentation module on CPU tensors
+
+Per core = images per CPU-second of this process (every producer thread, FFCV's batch
+thread and the consumer loop; robust to other load on a shared machine, unlike wall
+clock), next to the wall-clock images/s; both from each epoch's first batch on (see
+timed_epoch_cpu). The profile split (decode, box draws,
+resampling into the batch buffer, hand-off) is timed on one thread for both
+producers. The cores per GPU come from the recorded GPU step (carp_fast.profiling).
 
 The images are generated "photographs" (1/f-spectrum textures, soft-edged textured
 objects, sensor noise; about 400x350 px, JPEG quality 90, about as many bytes per pixel
-as ImageNet's photos), cached under --data-dir with the .beton converted from them (all
-JPEG, so the producer decodes every image as the torchvision backend does). Crops:
-2x224 + 6x96 with the production scales (carp_fast/configs/fast_400ep.yaml).
+as ImageNet's photos), cached under --data-dir with the .beton files converted from them.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import os
-import platform
-import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -148,63 +153,168 @@ def config(backend: str, path: Path, args):
     ])
 
 
-def timed_epoch(loader) -> tuple[float, int]:
-    """(seconds, images) of one full epoch."""
-    start = time.perf_counter()
-    images = 0
-    for batch in loader:
-        images += batch.batch_size
-    return time.perf_counter() - start, images
 
 
-def machine() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-        memory = round(pages * page_size / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-    return {
-        "cpu": model,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "memory_gib": memory,
-        "platform": platform.platform(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
-def versions() -> dict:
+
+
+
+
+def producer_module(revision: str | None):
+    """carp_fast.data.ffcv_loader of this tree, or as it was at git ``revision``."""
+    if revision is None:
+        from carp_fast.data import ffcv_loader
+
+        return ffcv_loader
+    source = subprocess.check_output(["git", "show", f"{revision}:carp_fast/data/ffcv_loader.py"], cwd=ROOT)
+    folder = Path(tempfile.mkdtemp(prefix="ffcv_loader_before_"))
+    path = folder / "ffcv_loader_before.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location("ffcv_loader_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class BetonSamples:
+    """The encoded images of a .beton and numba kernels that decode or cut them on one thread."""
+
+    def __init__(self, path: Path, module):
+        from ffcv.reader import Reader
+
+        reader = Reader(str(path))
+        table = np.sort(reader.alloc_table, order="ptr")
+        data = np.memmap(path, np.uint8, mode="r")
+        meta = reader.metadata["f0"]  # the image field (the converter writes it first)
+        chunks = []
+        for field in meta:
+            pointer = int(field["data_ptr"])
+            size = int(table["size"][np.searchsorted(table["ptr"], pointer)])
+            chunks.append(np.array(data[pointer:pointer + size]))
+        self.buffer = np.concatenate(chunks)
+        offsets = np.cumsum([0] + [len(c) for c in chunks])
+        self.addresses = (self.buffer.ctypes.data + offsets[:-1]).astype(np.int64)
+        self.nbytes = np.diff(offsets).astype(np.int64)
+        self.modes = meta["mode"].astype(np.int64)
+        self.heights = meta["height"].astype(np.int64)
+        self.widths = meta["width"].astype(np.int64)
+        self.images = [np.empty((h, w, 3), np.uint8) for h, w in zip(self.heights, self.widths)]
+        self.image_addresses = np.array([image.ctypes.data for image in self.images], np.int64)
+        self.module = module
+        self.kernels = _kernels(module)
+
+    def decode(self) -> None:
+        """Decode every JPEG sample (raw ones are pixels already: copied)."""
+        self.kernels[0](self.addresses, self.nbytes, self.modes, self.heights, self.widths,
+                        self.image_addresses, _jpeg_mode())
+
+
+def _jpeg_mode() -> int:
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    return IMAGE_MODES["jpg"]
+
+
+def _kernels(module):
+    """(decode all, draw all boxes, cut all views) compiled against ``module``'s kernels."""
     import numba
-    import PIL
-    import torchvision
+    from ffcv.libffcv import ctypes_imdecode
 
-    out = {"python": platform.python_version(), "torch": torch.__version__,
-           "torchvision": torchvision.__version__, "numpy": np.__version__, "pillow": PIL.__version__,
-           "numba": numba.__version__}
-    try:
-        from importlib.metadata import version
+    pointer = module._address_as_pointer
 
-        out["ffcv"] = version("ffcv")
-    except Exception:
-        out["ffcv"] = None
-    return out
+    @numba.njit(nogil=True)
+    def decode_all(addresses, nbytes, modes, heights, widths, targets, jpeg):
+        for i in range(addresses.shape[0]):
+            h, w = heights[i], widths[i]
+            if modes[i] == jpeg:
+                ctypes_imdecode(pointer(addresses[i]), nbytes[i], h, w, pointer(targets[i]), h, w, 0, 0, 1, 1,
+                                False, False)
+            else:
+                source = numba.carray(pointer(addresses[i]), (h * w * 3,), np.uint8)
+                numba.carray(pointer(targets[i]), (h * w * 3,), np.uint8)[:] = source
+
+    @numba.njit(nogil=True)
+    def draw_all(heights, widths, sizes, scales, log_ratio, seed, epoch, out):
+        for i in range(heights.shape[0]):
+            state = module.sample_stream(seed, epoch, np.uint64(i))
+            for v in range(sizes.shape[0]):
+                top, left, crop_h, crop_w, state = module.sample_crop_box(
+                    heights[i], widths[i], scales[v, 0], scales[v, 1], log_ratio[0], log_ratio[1], state)
+                u, state = module._uniform(state)
+                out[i, v, 0], out[i, v, 1], out[i, v, 2], out[i, v, 3] = top, left, crop_h, crop_w
+                out[i, v, 4] = u < 0.5
+
+    @numba.njit(nogil=True)
+    def cut_all(targets, heights, widths, sizes, scales, log_ratio, destination, starts, view_bytes, batch):
+        for i in range(targets.shape[0]):
+            image = numba.carray(pointer(targets[i]), (heights[i], widths[i], 3), np.uint8)
+            state = module.sample_stream(np.uint64(0), np.uint64(1), np.uint64(i))
+            module.cut_views(image, state, sizes, scales, log_ratio, 0.5, destination,
+                             starts + (i % batch) * view_bytes)
+
+    return decode_all, draw_all, cut_all
 
 
-def commit() -> str | None:
-    try:
-        head = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain"], cwd=ROOT, text=True).strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
+def thread_seconds(fn) -> float:
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
+
+
+def profile_split(samples: BetonSamples, views, batch_size: int, reps: int) -> dict:
+    """Microseconds per image on one thread: decode, box draws, resampling into the batch buffer."""
+    _, draw_all, cut_all = samples.kernels
+    sizes = np.array([size for size, _ in views], np.int64)
+    scales = np.array([scale for _, scale in views], np.float64)
+    log_ratio = np.log(np.array([3 / 4, 4 / 3]))
+    view_bytes = sizes * sizes * 3
+    destination = np.zeros(int(view_bytes.sum()) * batch_size, np.uint8)
+    starts = np.concatenate([[0], np.cumsum(view_bytes * batch_size)[:-1]]).astype(np.int64)
+    boxes = np.zeros((len(samples.images), len(views), 5), np.int64)
+    stages = {
+        "decode": samples.decode,
+        "box_draws": lambda: draw_all(samples.heights, samples.widths, sizes, scales, log_ratio,
+                                      np.uint64(0), np.uint64(1), boxes),
+        "draws_and_resample_into_batch_buffer": lambda: cut_all(
+            samples.image_addresses, samples.heights, samples.widths, sizes, scales, log_ratio,
+            destination.ctypes.data, starts, view_bytes, batch_size),
+    }
+    times = {name: [] for name in stages}
+    for name, fn in stages.items():
+        fn()  # compile
+    for _ in range(reps):
+        for name, fn in stages.items():
+            times[name].append(thread_seconds(fn) / len(samples.images) * 1e6)
+    return {name: round(statistics.median(values), 1) for name, values in times.items()}
+
+
+def ffcv_loader(module, path: Path, args, workers: int):
+    cfg = config("ffcv", path, args)
+    cfg.data.num_workers = workers
+    return module.FFCVLoader(cfg, 0, 1, torch.device("cpu"), copy=True)
+
+
+def timed_epoch_cpu(loader) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process, images) of one epoch after its first batch.
+
+    An epoch's start (FFCV allocates its batch buffers and starts its thread, torchvision
+    its workers) is paid once per epoch: over ImageNet's 1.28 M images it is nothing, over
+    the few hundred images here it would be a large share. So the clock starts when the
+    first batch arrives, and counts the batches after it.
+    """
+    images, start, cpu = 0, None, None
+    for batch in loader:
+        if start is None:
+            start, cpu = time.perf_counter(), time.process_time()
+            continue
+        images += batch.batch_size
+    return time.perf_counter() - start, time.process_time() - cpu, images
+
+
+def _median(values) -> float:
+    return round(statistics.median(values), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,92 +323,142 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="loader workers of every backend (default 2)")
     parser.add_argument("--reps", type=int, default=5, help="interleaved epochs per contender (default 5)")
+    parser.add_argument("--before", default="0bd6d15",
+                        help="git revision whose producer is 'before' (default 0bd6d15, the triangle-filter "
+                             "producer); '' to skip")
+    parser.add_argument("--augment", action="store_true",
+                        help="also time the producer plus the augmentation module on CPU (slow)")
     parser.add_argument("--data-dir", type=Path, default=ROOT / "data" / "bench_photos")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
 
+    from carp_fast import profiling
     from carp_fast.data import build_loader
-    from carp_fast.data.augment import MultiCropAugment
 
     torch.set_num_threads(args.workers)
     photos = make_photos(args.data_dir / "train", args.images, workers=args.workers)
-    beton = args.data_dir / f"train_{args.images}_jpeg.beton"
-    if not beton.exists():
-        _converter().convert(photos, beton, max_side=500, quality=90, raw_fraction=0.0,
-                             workers=args.workers, progress=False)
+    betons = {"jpeg": (args.data_dir / f"train_{args.images}_jpeg.beton", 0.0),
+              "default": (args.data_dir / f"train_{args.images}_default.beton", 0.5)}
+    for path, raw_fraction in betons.values():
+        if not path.exists():
+            _converter().convert(photos, path, max_side=500, quality=90, raw_fraction=raw_fraction,
+                                 workers=args.workers, progress=False)
+    modules = {"producer": producer_module(None)}
+    if args.before:
+        modules["producer_before"] = producer_module(args.before)
     cfg_tv = config("torchvision", photos, args)
-    cfg_ffcv = config("ffcv", beton, args)
-    loaders = {
-        "torchvision": build_loader(cfg_tv, "cpu", device_augment=True, rank=0, world=1),
-        "ffcv_producer": build_loader(cfg_ffcv, "cpu", device_augment=False, rank=0, world=1),
-        "ffcv_full": build_loader(cfg_ffcv, "cpu", device_augment=True, rank=0, world=1),
-    }
+    contenders = {"torchvision": build_loader(cfg_tv, "cpu", device_augment=True, rank=0, world=1)}
+    for name, module in modules.items():
+        for beton, (path, _) in betons.items():
+            contenders[f"{name}/{beton}/{args.workers}w"] = ffcv_loader(module, path, args, args.workers)
+        if args.workers != 1:
+            contenders[f"{name}/jpeg/1w"] = ffcv_loader(module, betons["jpeg"][0], args, 1)
+    if args.augment:
+        contenders["ffcv_full"] = build_loader(config("ffcv", betons["jpeg"][0], args), "cpu",
+                                               device_augment=True, rank=0, world=1)
     # One untimed epoch each: worker start-up and numba compilation are not throughput.
-    for loader in loaders.values():
-        timed_epoch(loader)
-    augment = MultiCropAugment.from_config(cfg_ffcv)
-    sample = next(iter(loaders["ffcv_producer"]))
-    augment(sample, 0, 0)
+    for loader in contenders.values():
+        timed_epoch_cpu(loader)
+    samples = BetonSamples(betons["jpeg"][0], modules["producer"])
+    samples.decode()
 
     load_before = os.getloadavg()
-    rates = {name: [] for name in loaders}
-    augment_ms, augment_one_ms = [], []
+    wall = {name: [] for name in contenders}
+    per_cpu = {name: [] for name in contenders}
+    decode_rates = []
     for rep in range(args.reps):
-        for name, loader in loaders.items():
+        seconds = thread_seconds(samples.decode)
+        decode_rates.append(len(samples.images) / seconds)
+        print(f"rep {rep}: {'decode_only':24s} {decode_rates[-1]:8.1f} images per CPU-s (1 thread)", flush=True)
+        for name, loader in contenders.items():
             loader.set_epoch(rep + 1)
-            seconds, images = timed_epoch(loader)
-            rates[name].append(images / seconds)
-            print(f"rep {rep}: {name:14s} {images / seconds:8.1f} images/s", flush=True)
-        start = time.perf_counter()
-        augment(sample, rep + 1, 0)
-        augment_ms.append((time.perf_counter() - start) * 1000)
-        print(f"rep {rep}: augment_only   {augment_ms[-1]:8.1f} ms/batch", flush=True)
-        # On a shared or small machine one torch thread can beat several; record both.
-        torch.set_num_threads(1)
-        start = time.perf_counter()
-        augment(sample, rep + 1, 0)
-        augment_one_ms.append((time.perf_counter() - start) * 1000)
-        torch.set_num_threads(args.workers)
-        print(f"rep {rep}: augment_only   {augment_one_ms[-1]:8.1f} ms/batch (1 thread)", flush=True)
+            seconds, cpu, images = timed_epoch_cpu(loader)
+            wall[name].append(images / seconds)
+            per_cpu[name].append(images / cpu)
+            print(f"rep {rep}: {name:26s} {images / seconds:8.1f} images/s, {images / cpu:8.1f} per CPU-s"
+                  + (" (workers' CPU not counted)" if name == "torchvision" else ""), flush=True)
     load_after = os.getloadavg()
 
-    median = {name: statistics.median(values) for name, values in rates.items()}
-    augment_median = statistics.median(augment_ms)
+    views = [(224, (0.2, 1.0))] * 2 + [(96, (0.05, 0.2))] * 6
+    split = {}
+    for name, module in modules.items():
+        for beton, (path, _) in betons.items():
+            stages = profile_split(BetonSamples(path, module), views, args.batch_size, args.reps)
+            per_image_cpu_us = 1e6 / statistics.median(per_cpu[f"{name}/{beton}/1w"]) \
+                if beton == "jpeg" and f"{name}/jpeg/1w" in per_cpu else None
+            if per_image_cpu_us is not None:
+                stages["producer_1_thread_total"] = round(per_image_cpu_us, 1)
+                stages["hand_off_and_loader"] = round(
+                    per_image_cpu_us - stages["decode"] - stages["draws_and_resample_into_batch_buffer"], 1)
+            split[f"{name}/{beton}"] = stages
+
+    # The copy the loader makes of each batch (copy=True: FFCV recycles its buffers).
+    sample_batch = next(iter(contenders[f"producer/jpeg/{args.workers}w"]))
+    clone_us = []
+    for _ in range(args.reps):
+        start = time.thread_time()
+        sample_batch.global_views.clone(), sample_batch.local_views.clone()
+        clone_us.append((time.thread_time() - start) / sample_batch.batch_size * 1e6)
+
+    ceiling = statistics.median(decode_rates)
+    figures = {name: {"images_per_s_wall": _median(wall[name]), "images_per_cpu_s": _median(per_cpu[name]),
+                      "reps_wall": [round(v, 1) for v in wall[name]],
+                      "reps_per_cpu_s": [round(v, 1) for v in per_cpu[name]]} for name in contenders}
+    # torchvision's work runs in worker processes, outside this process's CPU time.
+    figures["torchvision"]["images_per_cpu_s"] = figures["torchvision"]["reps_per_cpu_s"] = None
+    figures["decode_only"] = {"images_per_cpu_s": round(ceiling, 1), "reps_per_cpu_s": [round(v, 1) for v in decode_rates],
+                              "threads": 1, "files": betons["jpeg"][0].name}
+    step = profiling.recorded_gpu_step()
+    key = f"producer/jpeg/{args.workers}w"
+    summary = {}
+    for beton in betons:
+        now = f"producer/{beton}/{args.workers}w"
+        entry = {"producer_per_core": figures[now]["images_per_cpu_s"],
+                 "share_of_decode_ceiling": round(figures[now]["images_per_cpu_s"] / ceiling, 2),
+                 "producer_over_torchvision_wall": round(figures[now]["images_per_s_wall"]
+                                                         / figures["torchvision"]["images_per_s_wall"], 2),
+                 "producer_over_torchvision_wall_per_rep_median": round(statistics.median(
+                     p / t for p, t in zip(wall[now], wall["torchvision"])), 2)}
+        before = f"producer_before/{beton}/{args.workers}w"
+        if before in figures:
+            entry["before_per_core"] = figures[before]["images_per_cpu_s"]
+            entry["producer_over_before_per_core"] = round(
+                figures[now]["images_per_cpu_s"] / figures[before]["images_per_cpu_s"], 2)
+            entry["producer_over_before_per_core_per_rep_median"] = round(statistics.median(
+                p / b for p, b in zip(per_cpu[now], per_cpu[before])), 2)
+        if step:
+            entry["cores_per_gpu"] = profiling.producer_cores_per_gpu(entry["producer_per_core"], step["images_per_s"])
+            entry["verdict"] = profiling.cores_per_gpu_verdict(entry["producer_per_core"], step["images_per_s"],
+                                                               step["source"])
+            if "before_per_core" in entry:
+                entry["cores_per_gpu_before"] = profiling.producer_cores_per_gpu(entry["before_per_core"],
+                                                                                 step["images_per_s"])
+        summary[beton] = entry
+    jpeg_photos = dataset_stats(photos)
+    record = profiling.run_record(["tools/bench_loaders.py", *(sys.argv[1:] if argv is None else argv)])
     result = {
-        "what": "CPU loader throughput, images/s (median of interleaved epochs); producer = decode "
-                "+ 2x224 + 6x96 crops with flips, uint8 out; torchvision = the whole published recipe",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "commit": commit(),
-        "machine": machine(),
-        "versions": versions(),
+        "what": "FFCV producer per core (decode + 2x224 + 6x96 bicubic crops with flips, uint8 out) against "
+                "its decoder alone (the ceiling), the producer before this change, and the published "
+                "torchvision recipe; images/s (medians of interleaved epochs)",
+        **record,
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "dataset": dataset_stats(photos) | {"beton_bytes": beton.stat().st_size, "stored": "all JPEG"},
+        "dataset": jpeg_photos | {"betons": {beton: {"file": path.name, "bytes": path.stat().st_size,
+                                                     "stored": "all JPEG q90" if raw == 0 else
+                                                     f"converter defaults: max side 500, {raw:.0%} raw, rest JPEG q90"}
+                                             for beton, (path, raw) in betons.items()}},
         "settings": {"batch_size": args.batch_size, "workers": args.workers, "reps": args.reps,
-                     "crops": "2x224 (scale 0.2-1) + 6x96 (scale 0.05-0.2)",
-                     "torch_threads": torch.get_num_threads()},
-        "images_per_s": {name: {"median": round(median[name], 1), "reps": [round(v, 1) for v in values]}
-                         for name, values in rates.items()},
-        "augment_only": {
-            "ms_per_batch_median": round(augment_median, 1),
-            "ms_per_batch_reps": [round(v, 1) for v in augment_ms],
-            "images_per_s": round(args.batch_size / augment_median * 1000, 1),
-            "device": "cpu",
-            "torch_threads": args.workers,
-            "ms_per_batch_median_1_thread": round(statistics.median(augment_one_ms), 1),
-            "ms_per_batch_reps_1_thread": [round(v, 1) for v in augment_one_ms],
-        },
-        # Ratios of the medians, and the median of each rep's ratio (contenders of one rep
-        # ran back to back, so the latter cancels slow drifts in the machine's load).
-        "ratios": {
-            "ffcv_producer_over_torchvision": round(median["ffcv_producer"] / median["torchvision"], 2),
-            "ffcv_full_over_torchvision": round(median["ffcv_full"] / median["torchvision"], 2),
-            "ffcv_producer_over_torchvision_per_rep_median": round(statistics.median(
-                p / t for p, t in zip(rates["ffcv_producer"], rates["torchvision"])), 2),
-        },
+                     "crops": "2x224 (scale 0.2-1) + 6x96 (scale 0.05-0.2), flips",
+                     "resampling": "bicubic (PIL, antialiased); before: triangle (PIL bilinear)",
+                     "before_revision": args.before or None, "per_core": "images per CPU-second of the process",
+                     "timed": "each epoch from its first batch on (epoch start-up excluded)"},
+        "gpu_step": step,
+        "summary": summary,
+        "figures": figures,
+        "profile_split_us_per_image_1_thread": split,
+        "batch_copy_us_per_image": round(statistics.median(clone_us), 1),
     }
-    print(json.dumps(result["images_per_s"], indent=1))
-    print(json.dumps(result["ratios"]))
+    print(json.dumps(summary, indent=1))
+    print(json.dumps(split, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -92,6 +92,25 @@ def loaders_row(name: str, r: dict) -> list[str]:
     return [what, result]
 
 
+def producer_row(name: str, r: dict) -> list[str]:
+    settings, figures = r["settings"], r["figures"]
+    what = (f"FFCV producer per core vs its decoder, the producer before ({settings['before_revision']}) and "
+            f"the published torchvision loader, {settings['crops']}, {settings['workers']} workers, "
+            f"batch {settings['batch_size']}")
+    parts = [f"decode alone {_num(figures['decode_only']['images_per_cpu_s'])} images/s per core"]
+    for beton, entry in r["summary"].items():
+        stored = r["dataset"]["betons"][beton]["stored"]
+        text = (f"{stored}: {_num(entry['producer_per_core'])} per core "
+                f"({entry['share_of_decode_ceiling']:.0%} of decode)")
+        if "before_per_core" in entry:
+            text += f", {entry['producer_over_before_per_core']:.2f}× before ({_num(entry['before_per_core'])})"
+        text += f", {entry['producer_over_torchvision_wall']:.1f}× torchvision"
+        if "cores_per_gpu" in entry:
+            text += f", {entry['cores_per_gpu']} cores per GPU"
+        parts.append(text)
+    return [what, "; ".join(parts)]
+
+
 def dali_row(name: str, r: dict) -> list[str]:
     res, setup = r["results"], r["setup"]
     what = (f"DALI producer (CPU mode, {setup['dali_threads']} threads) vs torchvision, {setup['crops']}, "
@@ -206,6 +225,7 @@ def suite_row(name: str, r: dict) -> list[str]:
 RENDERERS = (
     (("median_ms", "peak_extra_memory_mib"), loss_row),
     (("images_per_s", "settings", "augment_only"), loaders_row),
+    (("summary", "figures", "profile_split_us_per_image_1_thread"), producer_row),
     (("results", "speedup_dali_producer_over_torchvision"), dali_row),
     (("rss_growth_after_warmup_mib_per_rank",), soak_row),
     (("comparisons", "profiler"), check_row),

@@ -346,6 +346,32 @@ def verdict(loader_ips: float | None, compute_ips: float) -> str:
     return f"compute-bound: the loader has {loader_ips / compute_ips:.2f}x the images/s compute uses"
 
 
+def producer_cores(report: dict, cfg, device: torch.device) -> dict | None:
+    """Producer cores per GPU at the fastest measured producer's rate per worker thread.
+
+    The GPU step is this run's compute (compiled where measured) on a GPU, else the
+    recorded GPU step (profiling.RECORDED_GPU_STEP): on a CPU machine the producer is
+    what is measured, the GPU it would feed is not here.
+    """
+    rates = {name: entry["producer_images_per_s"] for name, entry in report["loaders"].items()
+             if entry.get("producer_images_per_s")}
+    if not rates:
+        return None
+    backend = max(rates, key=rates.get)
+    per_core = rates[backend] / max(1, cfg.data.num_workers)
+    if device.type == "cuda":
+        key = "compute_compiled" if "images_per_s" in report.get("compute_compiled", {}) else "compute"
+        step = {"images_per_s": report[key]["images_per_s"], "source": f"{key} measured in this run"}
+    else:
+        step = profiling.recorded_gpu_step()
+        if step is None:
+            return None
+    return {"backend": backend, "producer_images_per_s_per_core": per_core,
+            "gpu_step_images_per_s": step["images_per_s"], "gpu_step_source": step["source"],
+            "cores": profiling.producer_cores_per_gpu(per_core, step["images_per_s"]),
+            "verdict": profiling.cores_per_gpu_verdict(per_core, step["images_per_s"], step["source"])}
+
+
 def print_table(report: dict) -> None:
     print("\n== loaders (images/s on the device)")
     for name, entry in report["loaders"].items():
@@ -500,6 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     # The synthetic "loader" repeats one batch already on the device: not a data source.
     best_loader = max((v["images_per_s"] for k, v in working.items() if k != "synthetic"), default=None)
     report["verdict"] = verdict(best_loader, report["compute"]["images_per_s"])
+    cores = producer_cores(report, cfg, device)
+    if cores:
+        report["producer_cores_per_gpu"] = cores
+        report["verdict"] += "; " + cores["verdict"]
     print_table(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ try:
     from numba import njit
     from numba.core import cgutils, types
     from numba.extending import intrinsic
+    from llvmlite import ir
 except ImportError as error:  # pragma: no cover - exercised only without numba
     raise ImportError(MISSING_FFCV) from error
 
@@ -92,14 +93,14 @@ _S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(
 _INV_2_53 = 1.0 / 9007199254740992.0
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _mix(z):
     z = (z ^ (z >> _S30)) * _MUL1
     z = (z ^ (z >> _S27)) * _MUL2
     return z ^ (z >> _S31)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def sample_stream(seed, epoch, index):
     """The initial state of the random stream of one sample in one epoch."""
     state = _mix(np.uint64(seed) + _GOLDEN)
@@ -107,14 +108,14 @@ def sample_stream(seed, epoch, index):
     return _mix(state ^ (np.uint64(index) + _GOLDEN))
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _uniform(state):
     """``(u, next_state)`` with u uniform in [0, 1)."""
     state = state + _GOLDEN
     return float(_mix(state) >> _S11) * _INV_2_53, state
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def sample_crop_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_hi, state):
     """``(top, left, crop_h, crop_w, state)`` drawn as torchvision's RandomResizedCrop does.
 
@@ -148,96 +149,223 @@ def sample_crop_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_h
 
 
 # ---------------------------------------------------------------------------------------
-# Resampling: separable triangle filter whose support widens with the downscale factor
-# (PIL's antialiased BILINEAR), so 400 px regions shrunk to 96 px do not alias.
+# Resampling: PIL's antialiased BICUBIC (a = -0.5, support 2 scaled by the downscale
+# factor), as torchvision's RandomResizedCrop applies it to a PIL image: the box is cut
+# first, so taps never reach outside it. Two passes in float32: a vertical pass that
+# combines whole source rows, then a horizontal pass that filters within rows of the
+# intermediate. Both inner loops are LLVM vector code written below (numba does not
+# vectorise either: the first re-reads its accumulator row per tap, the second is a
+# short reduction over interleaved RGB), called once per 64 intermediate values or per
+# output pixel of eight rows; plain loops serve boxes and outputs too small for them.
+
+_BICUBIC_A = -0.5
+_VERTICAL_BLOCK = 64  # intermediate floats per vertical-kernel call (4 x 16 lanes)
+_HORIZONTAL_ROWS = 8  # output rows per horizontal-kernel call (4 x 2 pixels of 4 lanes)
 
 
-@njit(nogil=True, fastmath=True)
-def _taps(start, length, out_size, limit, flip):
-    """Source index of the first tap, tap count and weights of every output pixel.
+@njit(nogil=True, cache=True)
+def _bicubic(x):
+    x = abs(x)
+    if x < 1.0:
+        return ((_BICUBIC_A + 2.0) * x - (_BICUBIC_A + 3.0)) * x * x + 1.0
+    if x < 2.0:
+        return (((x - 5.0) * x + 8.0) * x - 4.0) * _BICUBIC_A
+    return 0.0
 
-    Taps may reach outside the crop box (as PIL's do) but never outside [0, limit).
-    With ``flip`` the output order is reversed, which mirrors the view for free.
+
+@njit(nogil=True, cache=True)
+def max_taps(length, out_size):
+    """PIL's kernel size for resampling ``length`` pixels to ``out_size``."""
+    return int(math.ceil(2.0 * max(length / out_size, 1.0))) * 2 + 1
+
+
+@njit(nogil=True, cache=True)
+def bicubic_taps(length, out_size, flip, first, count, weights):
+    """PIL's bicubic taps (``precompute_coeffs``) of a box ``length`` pixels long.
+
+    Output pixel o reads box pixels ``first[o] + t`` for ``t < count[o]`` with weights
+    ``weights[o, t]`` (normalised to sum 1; rows beyond ``count`` are zero). With
+    ``flip`` the outputs are stored in reverse order, which mirrors the view for free.
     """
     scale = length / out_size
     filter_scale = max(scale, 1.0)
-    support = filter_scale
-    size = int(math.ceil(support)) * 2 + 1
-    first = np.empty(out_size, np.int64)
-    count = np.empty(out_size, np.int64)
-    weights = np.zeros((out_size, size), np.float32)
+    support = 2.0 * filter_scale
+    inverse = 1.0 / filter_scale
+    kmax = weights.shape[1]
     for o in range(out_size):
-        center = start + (o + 0.5) * scale
+        center = (o + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), limit)
-        n = min(hi - lo, size)
+        hi = min(int(center + support + 0.5), length)
+        n = min(hi - lo, kmax)
         dest = out_size - 1 - o if flip else o
         total = 0.0
         for t in range(n):
-            x = abs((t + lo - center + 0.5) / filter_scale)
-            w = 1.0 - x if x < 1.0 else 0.0
-            weights[dest, t] = w
-            total += w
-        if total > 0.0:
-            for t in range(n):
-                weights[dest, t] /= total
+            weight = _bicubic((t + lo - center + 0.5) * inverse)
+            weights[dest, t] = weight
+            total += weight
+        for t in range(kmax):
+            weights[dest, t] = weights[dest, t] / total if t < n else 0.0
         first[dest] = lo
         count[dest] = n
-    return first, count, weights
 
 
-@njit(nogil=True, fastmath=True)
-def resize_crop(image, top, left, crop_h, crop_w, out, flip):
-    """Resample the box of the HWC uint8 ``image`` into the square HWC ``out``.
+def _splat(builder, value, lanes):
+    vector = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined),
+                                  ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
 
-    Both passes run over contiguous memory, which the compiler vectorises: the vertical
-    pass accumulates whole source rows and stores its result transposed, so the
-    horizontal pass is again a sum of whole rows.
+
+def _accumulate(builder, slot, values, weight):
+    product = builder.fmul(values, weight, flags=("fast",))
+    builder.store(builder.fadd(builder.load(slot), product, flags=("fast",)), slot)
+
+
+@intrinsic
+def _vertical_block(typingctx, source, source_stride, weights, count, out):
+    """64 floats ``out[k] = sum_t weights[t] * source[t * source_stride + k]`` (uint8 source).
+
+    Four 16-lane accumulators stay in registers over all taps; each tap loads 64 source
+    bytes once (the numba loop re-read and re-wrote its float row per tap).
     """
-    height, width = image.shape[0], image.shape[1]
-    out_size = out.shape[0]
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        source, stride, weights, count, out = args
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        lanes = ir.VectorType(f32, 16)
+        bytes16 = ir.VectorType(ir.IntType(8), 16)
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(lanes, [0.0] * 16)) for _ in range(4)]
+        weight_ptr = builder.inttoptr(weights, f32.as_pointer())
+        with cgutils.for_range(builder, count) as loop:
+            row = builder.add(source, builder.mul(loop.index, stride))
+            weight = _splat(builder, builder.load(builder.gep(weight_ptr, [loop.index])), 16)
+            for k, slot in enumerate(slots):
+                address = builder.inttoptr(builder.add(row, ir.Constant(i64, 16 * k)), bytes16.as_pointer())
+                _accumulate(builder, slot, builder.uitofp(builder.load(address, align=1), lanes), weight)
+        for k, slot in enumerate(slots):
+            address = builder.inttoptr(builder.add(out, ir.Constant(i64, 64 * k)), lanes.as_pointer())
+            builder.store(builder.load(slot), address, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _horizontal_pixel(typingctx, row, row_stride, weights, count, out, out_stride):
+    """One output pixel in eight consecutive rows, rounded and clamped to uint8.
+
+    Row j's pixel is ``sum_t weights[t] * row_j[3t : 3t + 3]`` (float rows, RGB
+    interleaved), computed 4 lanes wide (the 4th lane reads the next pixel's red and is
+    dropped), two rows per 8-lane accumulator; the 3 bytes go to ``out + j * out_stride``.
+    """
+    sig = types.void(types.intp, types.intp, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        row, stride, weights, count, out, out_stride = args
+        f32, i32, i64, i8 = ir.FloatType(), ir.IntType(32), ir.IntType(64), ir.IntType(8)
+        four, eight = ir.VectorType(f32, 4), ir.VectorType(f32, 8)
+        slots = [cgutils.alloca_once_value(builder, ir.Constant(eight, [0.0] * 8))
+                 for _ in range(_HORIZONTAL_ROWS // 2)]
+        weight_ptr = builder.inttoptr(weights, f32.as_pointer())
+        concat = ir.Constant(ir.VectorType(i32, 8), list(range(8)))
+        with cgutils.for_range(builder, count) as loop:
+            pixel = builder.add(row, builder.mul(loop.index, ir.Constant(i64, 12)))
+            weight = _splat(builder, builder.load(builder.gep(weight_ptr, [loop.index])), 8)
+            for k, slot in enumerate(slots):
+                pair = [builder.load(builder.inttoptr(builder.add(pixel, builder.mul(stride, ir.Constant(i64, 2 * k + j))),
+                                                      four.as_pointer()), align=4) for j in (0, 1)]
+                _accumulate(builder, slot, builder.shuffle_vector(pair[0], pair[1], concat), weight)
+        low, high = ir.Constant(eight, [0.0] * 8), ir.Constant(eight, [255.0] * 8)
+        for k, slot in enumerate(slots):
+            value = builder.fadd(builder.load(slot), ir.Constant(eight, [0.5] * 8))  # round half up, as PIL
+            value = builder.select(builder.fcmp_ordered("<", value, low), low, value)
+            value = builder.select(builder.fcmp_ordered(">", value, high), high, value)
+            pixels = builder.trunc(builder.fptosi(value, ir.VectorType(i32, 8)), ir.VectorType(i8, 8))
+            for j in (0, 1):
+                address = builder.inttoptr(builder.add(out, builder.mul(out_stride, ir.Constant(i64, 2 * k + j))),
+                                           i8.as_pointer())
+                red_green = builder.shuffle_vector(pixels, pixels, ir.Constant(ir.VectorType(i32, 2), [4 * j, 4 * j + 1]))
+                builder.store(builder.bitcast(red_green, ir.IntType(16)),
+                              builder.bitcast(address, ir.IntType(16).as_pointer()), align=1)
+                builder.store(builder.extract_element(pixels, ir.Constant(i32, 4 * j + 2)),
+                              builder.gep(address, [ir.Constant(i64, 2)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _vertical_pass(image, top, left, crop_w, first, count, weights, rows):
+    """``rows[o, :3 crop_w]`` = the box's source rows combined with output row o's taps."""
+    stride = image.shape[1] * 3
+    line = crop_w * 3
+    source = image.ctypes.data + top * stride + left * 3
+    if line >= _VERTICAL_BLOCK:
+        for o in range(rows.shape[0]):
+            start = source + first[o] * stride
+            out = rows.ctypes.data + o * rows.shape[1] * 4
+            taps = weights.ctypes.data + o * weights.shape[1] * 4
+            for k in range(0, line, _VERTICAL_BLOCK):
+                k = min(k, line - _VERTICAL_BLOCK)  # the last block overlaps the one before
+                _vertical_block(start + k, stride, taps, count[o], out + 4 * k)
+        return
     pixels = image.reshape(-1)
-    fy, cy, wy = _taps(top, crop_h, out_size, height, False)
-    fx, cx, wx = _taps(left, crop_w, out_size, width, flip)
-    col_lo = width
-    col_hi = 0
-    for o in range(out_size):
-        col_lo = min(col_lo, fx[o])
-        col_hi = max(col_hi, fx[o] + cx[o])
-    cols = col_hi - col_lo
-    line = out_size * 3
-    columns = np.empty((cols, line), np.float32)
-    acc = np.empty(cols * 3, np.float32)
-    # np.float32 casts keep the arithmetic in float32 (uint8 * float32 is float64 in
-    # numba), and the row slices let the compiler vectorise the inner loops.
-    for o in range(out_size):
-        acc[:] = 0.0
-        for t in range(cy[o]):
-            w = wy[o, t]
-            src = ((fy[o] + t) * width + col_lo) * 3
-            row = pixels[src : src + cols * 3]
-            for k in range(cols * 3):
-                acc[k] += w * np.float32(row[k])
-        for c in range(cols):
-            columns[c, o * 3] = acc[c * 3]
-            columns[c, o * 3 + 1] = acc[c * 3 + 1]
-            columns[c, o * 3 + 2] = acc[c * 3 + 2]
-    column = np.empty(line, np.float32)
-    half = np.float32(0.5)
-    for o in range(out_size):
-        column[:] = 0.0
-        for t in range(cx[o]):
-            w = wx[o, t]
-            row_f = columns[fx[o] + t - col_lo]
-            for k in range(line):
-                column[k] += w * row_f[k]
-        for r in range(out_size):
+    for o in range(rows.shape[0]):
+        base = (top + first[o]) * stride + left * 3
+        for k in range(line):
+            total = np.float32(0.0)
+            for t in range(count[o]):
+                total += weights[o, t] * np.float32(pixels[base + t * stride + k])
+            rows[o, k] = total
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _horizontal_pass(rows, first, count, weights, out):
+    """``out[r, o]`` = row r of the intermediate filtered with output column o's taps."""
+    out_h, out_w = out.shape[0], out.shape[1]
+    out_stride = out_w * 3
+    if out_h >= _HORIZONTAL_ROWS:
+        row_stride = rows.shape[1] * 4
+        for r in range(0, out_h, _HORIZONTAL_ROWS):
+            r = min(r, out_h - _HORIZONTAL_ROWS)  # the last rows overlap: same values twice
+            row = rows.ctypes.data + r * row_stride
+            target = out.ctypes.data + r * out_stride
+            for o in range(out_w):
+                _horizontal_pixel(row + first[o] * 12, row_stride, weights.ctypes.data + o * weights.shape[1] * 4,
+                                  count[o], target + o * 3, out_stride)
+        return
+    for r in range(out_h):
+        for o in range(out_w):
             for ch in range(3):
-                v = column[r * 3 + ch] + half
-                out[r, o, ch] = 0 if v < 0 else (255 if v >= 255 else np.uint8(v))
+                total = np.float32(0.5)
+                for t in range(count[o]):
+                    total += weights[o, t] * rows[r, (first[o] + t) * 3 + ch]
+                out[r, o, ch] = 0 if total < 0 else (255 if total >= 255 else np.uint8(total))
 
 
-@njit(nogil=True, fastmath=True)
+@njit(nogil=True, cache=True)
+def resize_crop(image, top, left, crop_h, crop_w, out, flip):
+    """Resample the box of the C-contiguous HWC uint8 ``image`` into the square HWC ``out``.
+
+    PIL's BICUBIC of the cut-out box (torchvision's ``resized_crop`` on a PIL image),
+    mirrored when ``flip``. The intermediate keeps float32 (PIL rounds it to uint8).
+    """
+    size = out.shape[0]
+    first_y, count_y = np.empty(size, np.int64), np.empty(size, np.int64)
+    weights_y = np.empty((size, max_taps(crop_h, size)), np.float32)
+    first_x, count_x = np.empty(size, np.int64), np.empty(size, np.int64)
+    weights_x = np.empty((size, max_taps(crop_w, size)), np.float32)
+    bicubic_taps(crop_h, size, False, first_y, count_y, weights_y)
+    bicubic_taps(crop_w, size, flip, first_x, count_x, weights_x)
+    # One float of slack per row: the horizontal kernel's 4th lane reads past the last pixel.
+    rows = np.empty((size, crop_w * 3 + 1), np.float32)
+    rows[:, crop_w * 3] = 0.0
+    _vertical_pass(image, top, left, crop_w, first_y, count_y, weights_y, rows)
+    _horizontal_pass(rows, first_x, count_x, weights_x, out)
+
+
+@njit(nogil=True, cache=True)
 def cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets):
     """All crops of one decoded HWC image; view v goes to ``destination + offsets[v]``.
 
