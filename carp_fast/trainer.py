@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from carp_fast import checkpoint, distributed
+from carp_fast import checkpoint, distributed, run_lock
 from carp_fast.config import Config, config_from_dict, dump_config
 from carp_fast.data import build_loader
 from carp_fast.loss import carp_loss, draw_partition
@@ -86,6 +86,8 @@ class Trainer:
         self.env = env or distributed.DistEnv(0, 1, 0)
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
         self.out_dir = Path(cfg.train.out_dir)
+        # First of all: this process becomes the run directory's one writer, or stops.
+        run_lock.lock_run_dir(self.out_dir, self.env, self.device, cfg.train.run_dir_lock)
         self.amp_dtype = None
         if cfg.train.amp != "off":
             if self.device.type == "cuda":
@@ -204,8 +206,7 @@ class Trainer:
         state = self.state_dict()
         checkpoint.save_atomic(state, self.out_dir / checkpoint.LAST)
         if numbered:
-            checkpoint.save_atomic(state, checkpoint.numbered_path(self.out_dir, self.step))
-            checkpoint.prune_numbered(self.out_dir, self.cfg.train.keep_last)
+            checkpoint.save_numbered(state, self.out_dir, self.step, self.cfg.train.keep_last)
 
     def request_stop(self, signum, frame) -> None:
         """Signal handler: only raise a flag; the loop stops at the next agreed point."""
