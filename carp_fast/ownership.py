@@ -21,17 +21,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 MARKER = ".carp_fast_owned.json"
 SIGNATURE = "carp_fast owned folder"
 WRITTEN_BY = "carp_fast"
-# What every benchmark JSON written before reports were signed starts with
-# (carp_fast.profiling.run_record): reports of that form are carp_fast's too.
-LEGACY_REPORT_KEYS = frozenset({"command", "commit", "machine", "versions", "date"})
+# Reports written before they were signed record the command that wrote them: one that
+# names a tool of this repository (tools/NAME.py) or the package is carp_fast's too.
+_OUR_COMMAND = re.compile(r"(^|[\s/'\"])tools/\w+\.py\b|carp_fast\.")
 
 
 class OwnershipError(FileExistsError):
@@ -183,6 +185,38 @@ def install_folder(staging: str | Path, dest: str | Path, kind: str, version: st
     return dest
 
 
+def generated_folder(dest: str | Path, kind: str, version: str, fill: Callable[[Path], None],
+                     what_to_do: str, **extra: Any) -> Path:
+    """``dest`` as a folder of generated files: reused when sealed as ``kind`` at ``version``.
+
+    Otherwise ``dest`` must be absent, empty, or an older generation carp_fast sealed with
+    nothing else in it (see :func:`install_folder`); ``fill`` writes the files into a
+    temporary sibling folder that is sealed and renamed into place when complete, so an
+    interrupted generation leaves nothing at ``dest`` that looks complete.
+    """
+    dest = Path(dest)
+
+    def current() -> bool:
+        marker = read_marker(dest, kind)
+        return marker is not None and marker["version"] == version
+
+    if current():
+        return dest
+    check_folder_is_free(dest, kind, what_to_do)  # refuse before any work
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.generating.", dir=dest.parent))
+    try:
+        fill(staging)
+        install_folder(staging, dest, kind, version, what_to_do, **extra)
+    except BaseException:
+        # Only the staging folder goes: mkdtemp made it, so it holds this run's files alone.
+        shutil.rmtree(staging, ignore_errors=True)
+        if current():
+            return dest  # another process finished the same folder first
+        raise
+    return dest
+
+
 def check_folder_is_free(folder: str | Path, kind: str, what_to_do: str) -> dict[str, Any] | None:
     """Refuse ``folder`` unless it is absent, empty, or sealed as ``kind`` with only its files.
 
@@ -198,6 +232,33 @@ def check_folder_is_free(folder: str | Path, kind: str, what_to_do: str) -> dict
     if foreign:
         raise _refusal(folder, kind, foreign, what_to_do)
     return marker
+
+
+def claim_folder(folder: str | Path, kind: str, written_before_markers: Callable[[Path], bool],
+                 what_to_do: str, ignore: Iterable[str] = ()) -> None:
+    """Make ``folder`` carp_fast's ``kind`` to write in, or refuse it.
+
+    Accepted: a new or empty folder (created and sealed), one already sealed as ``kind``,
+    or one that ``written_before_markers`` recognises as what an older carp_fast wrote
+    there (sealed now). A folder holding anything else raises :class:`OwnershipError`;
+    nothing in it is touched. Entries named in ``ignore`` (the caller's own, such as a
+    lock file it just created) do not count.
+    """
+    folder = Path(folder)
+    if read_marker(folder, kind) is not None:
+        return
+    if folder.exists() and not folder.is_dir():
+        raise OwnershipError(f"{folder} is a file, not a folder; nothing was changed. {what_to_do}")
+    ignore = {MARKER, *ignore}
+    entries = sorted(p.name for p in folder.iterdir() if p.name not in ignore) if folder.exists() else []
+    if entries and not written_before_markers(folder):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise OwnershipError(
+            f"{folder} holds files carp_fast did not write ({shown}); nothing there was "
+            f"changed. {what_to_do}"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_marker(folder, kind, "1", {})
 
 
 # ------------------------------------------------------------------------ single files
@@ -221,11 +282,15 @@ def is_own_report(path: str | Path) -> bool:
         return False
     if not isinstance(record, dict):
         return False
-    return record.get("written_by") == WRITTEN_BY or LEGACY_REPORT_KEYS <= record.keys()
+    if record.get("written_by") == WRITTEN_BY:
+        return True
+    command = record.get("command")
+    command = " ".join(map(str, command)) if isinstance(command, list) else command
+    return isinstance(command, str) and _OUR_COMMAND.search(command) is not None
 
 
 def write_report(path: str | Path, record: dict[str, Any], indent: int = 2, **dumps: Any) -> Path:
-    """Write the JSON ``record`` (signed ``written_by: carp_fast``) to ``path``.
+    """Write the JSON ``record`` to ``path``, signing it (``record["written_by"] = "carp_fast"``).
 
     An existing file there is replaced only when it is a report carp_fast wrote; anything
     else is refused with :class:`OwnershipError`.
@@ -237,5 +302,5 @@ def write_report(path: str | Path, record: dict[str, Any], indent: int = 2, **du
             "choose another path for the report, or move that file away"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    signed = {"written_by": WRITTEN_BY, **record}
-    return write_atomic(path, (json.dumps(signed, indent=indent, **dumps) + "\n").encode())
+    record["written_by"] = WRITTEN_BY  # in place: the caller's record is what the file holds
+    return write_atomic(path, (json.dumps(record, indent=indent, **dumps) + "\n").encode())

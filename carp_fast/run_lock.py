@@ -163,19 +163,14 @@ def _acquire(out_dir: Path, mode: str) -> None:
 
 
 def claim_run_dir(out_dir: Path) -> None:
-    """Seal ``out_dir`` as a run directory, or refuse it when it holds foreign files."""
-    if ownership.read_marker(out_dir, checkpoint.RUN_KIND) is not None:
-        return
-    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_NAME)
-    if entries and not _written_by_older_carp_fast(out_dir):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ownership.OwnershipError(
-            f"train.out_dir {out_dir} holds files carp_fast did not write ({shown}); nothing "
-            "there was changed. Choose a new or empty train.out_dir"
-        )
-    # Numbered checkpoints are listed here as they are written (checkpoint.prune_numbered
-    # removes only those); an older run's are never listed, so never removed.
-    ownership.write_marker(out_dir, checkpoint.RUN_KIND, "1", {})
+    """Seal ``out_dir`` as a run directory, or refuse it when it holds foreign files.
+
+    Numbered checkpoints are listed in its marker as they are written
+    (:func:`carp_fast.checkpoint.save_numbered`) and only those are ever pruned; an
+    older run's are not listed, so they stay.
+    """
+    ownership.claim_folder(out_dir, checkpoint.RUN_KIND, _written_by_older_carp_fast,
+                           "Choose a new or empty train.out_dir.", ignore=(LOCK_NAME,))
 
 
 def _written_by_older_carp_fast(out_dir: Path) -> bool:

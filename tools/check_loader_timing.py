@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from carp_fast import profiling  # noqa: E402
+from carp_fast import ownership, profiling  # noqa: E402
 
 CONFIG = "demo_cpu.yaml"
 DEMO = ROOT / "data" / "demo"
@@ -186,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:32s} {entry}")
     print("passed" if report["passed"] else "FAILED")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        ownership.write_report(args.json, report, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0 if report["passed"] else 1
 

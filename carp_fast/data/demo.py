@@ -15,8 +15,6 @@ network learnt colour, and k-NN on shape classes stayed near chance).
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -138,13 +136,8 @@ def generate_demo_dataset(
     folder renamed into place, so an interrupted generation never leaves anything at
     ``root`` that looks complete.
     """
-    root = Path(root)
-    if is_current_demo(root):
-        return root
-    ownership.check_folder_is_free(root, KIND, WHAT_TO_DO)  # refuse before any work
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.generating.", dir=root.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         for split, per_class, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
             rng = np.random.default_rng([split_seed, 17])
             for name in classes:
@@ -152,13 +145,7 @@ def generate_demo_dataset(
                 folder.mkdir(parents=True)
                 for index in range(per_class):
                     _draw(name, size, rng).save(folder / f"{name}_{index:04d}.jpg", quality=90)
-        params = {"train_per_class": train_per_class, "val_per_class": val_per_class,
-                  "size": size, "seed": seed, "classes": list(classes)}
-        ownership.install_folder(staging, root, KIND, VERSION, WHAT_TO_DO, parameters=params)
-    except BaseException:
-        # Only the staging folder is removed: mkdtemp made it, so it holds nothing else.
-        shutil.rmtree(staging, ignore_errors=True)
-        if is_current_demo(root):
-            return root  # another process finished the same dataset first
-        raise
-    return root
+
+    params = {"train_per_class": train_per_class, "val_per_class": val_per_class,
+              "size": size, "seed": seed, "classes": list(classes)}
+    return ownership.generated_folder(root, KIND, VERSION, fill, WHAT_TO_DO, parameters=params)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -23,6 +22,8 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from carp_fast import ownership
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +203,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"{k}-NN top-1: trained {trained:.1f}% vs random init {random:.1f}% "
               f"({trained - random:+.1f} points)", flush=True)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        ownership.write_report(args.json, report)  # replaces only a report carp_fast wrote
     return report
 
 
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         run(args)
-    except (CheckpointError, DataPathError, ValueError) as error:
+    except (CheckpointError, DataPathError, ValueError, ownership.OwnershipError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
