@@ -24,6 +24,7 @@ from torch import nn
 from carp_fast import checkpoint, distributed, run_lock
 from carp_fast.config import Config, config_from_dict, dump_config
 from carp_fast.data import build_loader
+from carp_fast.data.batch import host_to_device
 from carp_fast.loss import carp_loss, draw_partition
 from carp_fast.model import CarpModel
 from carp_fast.optim import LARS, Schedules, ema_update, param_groups, scaled_lr, set_hyperparameters
@@ -246,9 +247,9 @@ class Trainer:
         weight_decay = self.schedules.weight_decay(self.step)
         momentum = self.schedules.teacher_momentum(self.step)
         set_hyperparameters(self.optimizer, lr, weight_decay)
-        partition = draw_partition(
+        partition = host_to_device(draw_partition(
             cfg.model.num_prototypes, cfg.model.partition_size, cfg.train.seed, self.step
-        ).to(self.device, non_blocking=True)
+        ), self.device)
 
         consistency_sum = entropy_sum = None
         finite = torch.ones((), dtype=torch.bool, device=self.device)
