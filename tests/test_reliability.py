@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carp_fast import checkpoint
+from carp_fast import checkpoint, ownership
 from carp_fast.config import load_config
 from carp_fast.train import EXIT_PREEMPTED, EXIT_WRITE_FAILED
 from carp_fast.trainer import NonFiniteLoss, Trainer
@@ -110,9 +110,12 @@ def test_sigkill_during_checkpoint_write_leaves_old_or_new_file(tmp_path):
     state = checkpoint.load(path)
     assert state["step"] >= 1
     assert torch.equal(state["payload"][:3], torch.arange(3, dtype=torch.float32) + state["step"])
+    # Temporaries are removed only in a run directory carp_fast sealed.
+    assert checkpoint.remove_stale_temporaries(tmp_path) == []
+    ownership.write_marker(tmp_path, checkpoint.RUN_KIND, "1", {})
     removed = checkpoint.remove_stale_temporaries(tmp_path)
     assert all(p.name.endswith(".tmp") for p in removed)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.MARKER, "last.pt"]
 
 
 @pytest.mark.slow
