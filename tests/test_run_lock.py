@@ -13,12 +13,13 @@ import time
 import pytest
 import torch
 
-from carp_fast import checkpoint, ownership, run_lock
+from carp_fast import checkpoint, ownership
 from carp_fast.distributed import DistEnv
 from carp_fast.ownership import OwnershipError
 from carp_fast.run_lock import LOCK_NAME, RunDirLocked, lock_run_dir
 from carp_fast.train import EXIT_USAGE
 from conftest import tiny_overrides
+from test_reliability import assert_same_weights, last_step, student_weights, wait_for
 
 ONE_PROCESS = DistEnv(0, 1, 0)
 CPU = torch.device("cpu")
@@ -118,29 +119,6 @@ def train_command(data, out):
             *tiny_overrides(data, out, **LONG)]
 
 
-def last_step(out):
-    try:
-        return checkpoint.load(out / checkpoint.LAST)["step"]
-    except checkpoint.CheckpointError:
-        return -1
-
-
-def wait_for(predicate, timeout=300.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def assert_same_student(a, b):
-    sa, sb = checkpoint.load(a / checkpoint.LAST)["student"], checkpoint.load(b / checkpoint.LAST)["student"]
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert torch.equal(sa[key], sb[key]), key
-
-
 @pytest.fixture(scope="module")
 def alone(tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("alone") / "run"
@@ -154,7 +132,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_changes_nothing(ti
     cmd = train_command(tiny_dataset / "train", out)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert wait_for(lambda: last_step(out) >= 1 or first.poll() is not None)
+        assert wait_for(lambda: last_step(out) >= 1 or first.poll() is not None, timeout=300)
         started = time.monotonic()
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         seconds = time.monotonic() - started
@@ -166,7 +144,7 @@ def test_a_second_trainer_is_refused_while_the_first_runs_and_changes_nothing(ti
            f"{socket.gethostname()}, started " in second.stderr
     assert seconds < 60  # the time to start Python and torch, then the refusal
     assert first_status == 0
-    assert_same_student(out, alone)
+    assert_same_weights(student_weights(out), student_weights(alone))
 
 
 @pytest.mark.slow
@@ -174,7 +152,7 @@ def test_after_sigkill_of_the_holder_a_rerun_takes_over_and_resumes(tiny_dataset
     out = tmp_path / "run"
     cmd = train_command(tiny_dataset / "train", out)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_for(lambda: last_step(out) >= 3 or first.poll() is not None)
+    assert wait_for(lambda: last_step(out) >= 3 or first.poll() is not None, timeout=300)
     assert first.poll() is None
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -184,4 +162,4 @@ def test_after_sigkill_of_the_holder_a_rerun_takes_over_and_resumes(tiny_dataset
     assert f"resumed from {out / checkpoint.LAST} at step {killed_at}" in rerun.stderr
     assert json.loads((out / LOCK_NAME).read_text())["pid"] != first.pid
     assert last_step(out) == last_step(alone)
-    assert_same_student(out, alone)
+    assert_same_weights(student_weights(out), student_weights(alone))

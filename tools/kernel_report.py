@@ -27,7 +27,6 @@ import argparse
 import collections
 import datetime
 import itertools
-import json
 import os
 import re
 import shutil

@@ -25,10 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import tempfile
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
