@@ -4,8 +4,8 @@ The trainer takes the lock before it reads or writes anything in its run directo
 (rank 0 under torchrun; the other ranks wait for it and stop with it when it fails).
 The lock is ``flock(LOCK_EX | LOCK_NB)`` on a file held open for the life of the
 process: the kernel drops it when the process ends, however it ends (SIGKILL included;
-loader worker processes forked from it share the open file and hold it until they exit
-too, within seconds of their parent), so a rerun after a crash or a kill takes the
+processes forked from it, such as loader workers, close their copy of the descriptor at
+once, so they never keep it alive), so a rerun after a crash or a kill takes the
 directory over and resumes with no manual step. The file holds who has the lock (host,
 pid, start time), for the second trainer's message; it is never deleted, so a stale
 copy of it means nothing without the lock.
@@ -45,6 +45,24 @@ LOCK_SIGNATURE = "carp_fast run directory lock"
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 _held: dict[Path, int] = {}  # run directory -> descriptor holding its lock, for the process's life
+
+
+def _close_in_child() -> None:
+    """After fork (loader workers): close the inherited lock descriptors, without unlocking.
+
+    A flock belongs to the open file, which a forked child shares; closing the child's
+    copy (never LOCK_UN, which would unlock it for the parent too) leaves the parent the
+    only holder, so the lock still ends the moment the trainer process ends.
+    """
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunDirLocked(RuntimeError):

@@ -25,25 +25,31 @@ ONE_PROCESS = DistEnv(0, 1, 0)
 CPU = torch.device("cpu")
 
 _HOLDER = """
-import sys, time, torch
+import os, sys, time, torch
 from carp_fast import run_lock
 from carp_fast.distributed import DistEnv
 run_lock.lock_run_dir(sys.argv[1], DistEnv(0, 1, 0), torch.device("cpu"))
-print("locked", flush=True)
+child = os.fork()  # as a loader worker is forked: it must not keep the lock alive
+if child == 0:
+    time.sleep(600)
+    os._exit(0)
+print("locked", child, flush=True)
 time.sleep(600)
 """
 
 
 def hold_in_another_process(out_dir):
+    """A process holding ``out_dir``'s lock, and the pid of a child it forked after locking."""
     proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out_dir)],
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
+    word, child = proc.stdout.readline().split()
+    assert word == "locked"
+    return proc, int(child)
 
 
 def test_a_second_holder_is_refused_naming_the_first_and_the_lock_dies_with_it(tmp_path):
     out = tmp_path / "run"
-    holder = hold_in_another_process(out)
+    holder, child = hold_in_another_process(out)
     try:
         record = json.loads((out / LOCK_NAME).read_text())
         assert record["pid"] == holder.pid and record["host"] == socket.gethostname()
@@ -55,8 +61,12 @@ def test_a_second_holder_is_refused_naming_the_first_and_the_lock_dies_with_it(t
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    # SIGKILL released it: this process takes the directory over, with no manual step.
-    lock_run_dir(out, ONE_PROCESS, CPU)
+    try:
+        # SIGKILL released it, though the forked child lives on: this process takes the
+        # directory over, with no manual step.
+        lock_run_dir(out, ONE_PROCESS, CPU)
+    finally:
+        os.kill(child, signal.SIGKILL)
     assert json.loads((out / LOCK_NAME).read_text())["pid"] == os.getpid()
     lock_run_dir(out, ONE_PROCESS, CPU)  # the holder itself may take it again
 
