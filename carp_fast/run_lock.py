@@ -124,6 +124,8 @@ def _is_lock_file(text: str) -> bool:
 
 
 def _acquire(out_dir: Path, mode: str) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ownership.OwnershipError(f"train.out_dir {out_dir} is a file, not a folder; nothing was changed")
     out_dir.mkdir(parents=True, exist_ok=True)
     key = out_dir.resolve()
     if key in _held:

@@ -1,7 +1,8 @@
 """The training loop: steps, accumulation, EMA teacher, schedules, logging, checkpoints.
 
 Everything the loop needs per step is derived from (seed, step) or reduced across
-ranks; nothing on the host waits for the device except at log intervals.
+ranks; nothing on the host waits for the device except at log intervals (and, with
+train.amp=fp16 only, the GradScaler's read of its found-inf flag each step).
 """
 
 from __future__ import annotations
@@ -284,6 +285,8 @@ class Trainer:
             entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
 
         keep = self._agree_keep(finite)
+        # Intended sync, fp16 only (train.amp=fp16): GradScaler reads its found-inf flag on
+        # the host to decide whether to step. Disabled under bf16/off: no sync there.
         self.scaler.step(self.optimizer, keep=keep)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
