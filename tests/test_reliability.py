@@ -162,6 +162,7 @@ def test_failed_write_keeps_previous_checkpoint_and_stops_clearly(tiny_config, m
 def test_failed_write_exit_status(tiny_dataset, tmp_path):
     out = tmp_path / "readonly"
     out.mkdir()
+    ownership.write_marker(out, checkpoint.RUN_KIND, "1", {})  # a run directory of carp_fast's
     (out / "last.pt").mkdir()  # renaming a file over a directory fails like a bad disk would
     result = subprocess.run(train_command(tiny_dataset / "train", out, **{"train.max_steps": 1}),
                             capture_output=True, text=True, timeout=300)
