@@ -18,7 +18,10 @@ from typing import Any
 import torch
 
 LAST = "last.pt"
-_NUMBERED = re.compile(r"^ckpt_(\d+)\.pt$")
+_NUMBERED = re.compile(r"^ckpt_(\d{8})\.pt$")
+# What save_atomic's mkstemp names look like for the files a run directory holds.
+_TEMPORARY = re.compile(r"^\.(last|ckpt_\d{8})\.pt\.[A-Za-z0-9_]{8}\.tmp$")
+RUN_KIND = "run directory"  # the ownership marker's kind for a run directory
 
 
 class CheckpointError(RuntimeError):
@@ -74,11 +77,19 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete temporary files a killed writer left behind (they never look complete)."""
+    """Delete temporary files a killed writer left behind (they never look complete).
+
+    Only in a run directory carp_fast sealed (:mod:`carp_fast.ownership`), whose lock the
+    caller holds (so no writer is alive), and only names that :func:`save_atomic`'s
+    temporaries of last.pt and numbered checkpoints have.
+    """
+    from carp_fast import ownership
+
     directory = Path(directory)
-    if not directory.is_dir():
+    if not directory.is_dir() or ownership.read_marker(directory, RUN_KIND) is None:
         return []
-    stale = [p for p in directory.glob(".*.pt.*.tmp") if p.is_file()]
+    stale = [p for p in directory.iterdir()
+             if _TEMPORARY.match(p.name) and p.is_file() and not p.is_symlink()]
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
@@ -102,17 +113,40 @@ def numbered_path(directory: str | Path, step: int) -> Path:
     return Path(directory) / f"ckpt_{step:08d}.pt"
 
 
+def save_numbered(state: dict[str, Any], directory: str | Path, step: int, keep_last: int) -> Path:
+    """Write the numbered checkpoint of ``step``, list it in the run directory's marker,
+    then prune to the newest ``keep_last``."""
+    from carp_fast import ownership
+
+    path = save_atomic(state, numbered_path(directory, step))
+    ownership.record_file(directory, RUN_KIND, path.name)
+    prune_numbered(directory, keep_last)
+    return path
+
+
 def prune_numbered(directory: str | Path, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` numbered checkpoints; returns the removed."""
+    """Delete all but the newest ``keep_last`` numbered checkpoints; returns the removed.
+
+    Only the ones the run directory's marker lists (carp_fast wrote them there, see
+    :func:`save_numbered`) at the size it lists are counted and removed; any other file,
+    numbered like them or not, stays.
+    """
+    from carp_fast import ownership
+
     directory = Path(directory)
+    marker = ownership.read_marker(directory, RUN_KIND)
+    if marker is None:
+        return []
     numbered = sorted(
-        (int(m.group(1)), p)
-        for p in directory.iterdir()
-        if (m := _NUMBERED.match(p.name))
+        (int(m.group(1)), directory / name)
+        for name, size in marker["files"].items()
+        if (m := _NUMBERED.match(name)) and (directory / name).is_file()
+        and (directory / name).stat().st_size == size
     )
     doomed = [p for _, p in numbered[: max(len(numbered) - keep_last, 0)]]
     for path in doomed:
         path.unlink(missing_ok=True)
+    ownership.forget_files(directory, RUN_KIND, [p.name for p in doomed])
     return doomed
 
 

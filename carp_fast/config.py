@@ -87,7 +87,7 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead (FFCV: batches prepared ahead in all)."""
     generate_demo: bool = False
-    """Generate the embedded demo dataset at `path` if it does not exist yet."""
+    """Generate the embedded demo dataset where `path` (or its parent, when `path` names a train/ or val/ split) does not exist or is an empty folder; a demo dataset carp_fast wrote is used, or regenerated when an older version wrote it (only its own files are removed); an existing image folder at `path` is used as it is; anything else is refused (exit status 2) and left untouched."""
     ffcv: FFCVConfig = field(default_factory=lambda: FFCVConfig())
     """Settings of the FFCV backend."""
     dali: DALIConfig = field(default_factory=lambda: DALIConfig())
@@ -234,11 +234,11 @@ class TrainConfig:
     seed: int = 0
     """Seed for initialisation, data order, augmentation and partition draws."""
     out_dir: str = "runs/carp"
-    """Run directory: config.yaml, metrics.jsonl, checkpoints. A run started on a directory holding last.pt resumes from it."""
+    """Run directory: config.yaml, metrics.jsonl, checkpoints. A run started on a directory holding last.pt resumes from it. It must be new, empty or a carp_fast run directory; one trainer at a time holds it (a lock on out_dir/.carp_fast.lock: a second trainer exits with status 2)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device; `auto` takes CUDA when present."""
     amp: Literal["off", "bf16", "fp16"] = "bf16"
-    """Mixed precision on GPU: bf16 autocast, fp16 autocast with a GradScaler, or off. Always off on CPU."""
+    """Mixed precision on GPU: bf16 autocast, fp16 autocast with a GradScaler, or off. Always off on CPU. fp16 costs one host sync per step (the GradScaler reads its found-inf flag to decide whether to step and how to rescale); bf16 and off have none outside the log interval."""
     loss_impl: Literal["auto", "reference", "fused"] = "auto"
     """CARP loss implementation: fused kernel, plain-PyTorch reference, or auto (fused where built)."""
     accumulation_steps: int = 1
@@ -259,6 +259,8 @@ class TrainConfig:
     """A step whose loss is not finite on any rank is always dropped on every rank; then `stop` saves the last good state and exits (status 4), `skip` logs it and goes on."""
     progress: Literal["auto", "bar", "lines"] = "auto"
     """Progress display on rank 0: a bar when stdout is a terminal (auto), or plain lines."""
+    run_dir_lock: Literal["flock", "off"] = "flock"
+    """How out_dir is kept to one trainer. `flock`: an exclusive lock on out_dir/.carp_fast.lock, released when the process ends (SIGKILL included); where the filesystem has no working locks (NFS without lockd) the trainer refuses to start (exit status 2). `off`: no lock, for such filesystems only: you make sure that no second trainer writes there."""
 
     def __post_init__(self) -> None:
         _positive(self, "epochs")

@@ -126,3 +126,16 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_ok(ok: bool, device: torch.device) -> bool:
+    """Whether ``ok`` holds on every rank (one tiny all-reduce; used at start-up only).
+
+    Lets the ranks that wait on rank 0's work (locking the run directory, generating
+    data) stop with it when it fails, rather than hang in a barrier it never reaches.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    return flag.item() == 0  # intended sync: once, before training starts

@@ -7,7 +7,8 @@ this same command.
 Exit status (for requeue scripts):
   0  finished (epochs done or train.max_steps reached)
   1  crashed: an unexpected error; last.pt holds the last saved state
-  2  bad config, data path or checkpoint (nothing was trained)
+  2  bad config, data path or checkpoint, a run directory another trainer holds, or a
+     path holding files carp_fast did not write (nothing was trained or changed)
   3  preempted by SIGTERM/SIGUSR1: the step finished and last.pt holds it; rerun to resume
   4  non-finite loss under train.nonfinite=stop: last.pt holds the last good state
   5  a checkpoint could not be written (disk full, permissions): the previous last.pt is intact
@@ -66,12 +67,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from carp_fast.checkpoint import CheckpointError, CheckpointWriteError
     from carp_fast.data import DataPathError
+    from carp_fast.ownership import OwnershipError
+    from carp_fast.run_lock import RunDirLocked
     from carp_fast.trainer import NonFiniteLoss, Preempted, Trainer, resolve_device
 
     try:
         env = distributed.init(resolve_device(cfg.train.device, env.local_rank).type)
         trainer = Trainer(cfg, env)
-    except (DataPathError, ValueError, CheckpointError) as error:
+    except (DataPathError, ValueError, CheckpointError, OwnershipError, RunDirLocked) as error:
         print(f"error: {error}", file=sys.stderr)
         distributed.shutdown()
         return EXIT_USAGE

@@ -1,7 +1,8 @@
 """The training loop: steps, accumulation, EMA teacher, schedules, logging, checkpoints.
 
 Everything the loop needs per step is derived from (seed, step) or reduced across
-ranks; nothing on the host waits for the device except at log intervals.
+ranks; nothing on the host waits for the device except at log intervals (and, with
+train.amp=fp16 only, the GradScaler's read of its found-inf flag each step).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from carp_fast import checkpoint, distributed
+from carp_fast import checkpoint, distributed, run_lock
 from carp_fast.config import Config, config_from_dict, dump_config
 from carp_fast.data import build_loader
+from carp_fast.data.batch import host_to_device
 from carp_fast.loss import carp_loss, draw_partition
 from carp_fast.model import CarpModel
 from carp_fast.optim import LARS, Schedules, ema_update, param_groups, scaled_lr, set_hyperparameters
@@ -159,6 +161,8 @@ class Trainer:
         self.env = env or distributed.DistEnv(0, 1, 0)
         self.device = resolve_device(cfg.train.device, self.env.local_rank)
         self.out_dir = Path(cfg.train.out_dir)
+        # First of all: this process becomes the run directory's one writer, or stops.
+        run_lock.lock_run_dir(self.out_dir, self.env, self.device, cfg.train.run_dir_lock)
         self.amp_dtype = amp_dtype_for(cfg, self.device, self.env.is_main)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -242,8 +246,7 @@ class Trainer:
         state = self.state_dict()
         checkpoint.save_atomic(state, self.out_dir / checkpoint.LAST)
         if numbered:
-            checkpoint.save_atomic(state, checkpoint.numbered_path(self.out_dir, self.step))
-            checkpoint.prune_numbered(self.out_dir, self.cfg.train.keep_last)
+            checkpoint.save_numbered(state, self.out_dir, self.step, self.cfg.train.keep_last)
 
     def request_stop(self, signum, frame) -> None:
         """Signal handler: only raise a flag; the loop stops at the next agreed point."""
@@ -283,9 +286,9 @@ class Trainer:
         weight_decay = self.schedules.weight_decay(self.step)
         momentum = self.schedules.teacher_momentum(self.step)
         set_hyperparameters(self.optimizer, lr, weight_decay)
-        partition = draw_partition(
+        partition = host_to_device(draw_partition(
             cfg.model.num_prototypes, cfg.model.partition_size, cfg.train.seed, self.step
-        ).to(self.device, non_blocking=True)
+        ), self.device)
 
         consistency_sum = entropy_sum = None
         finite = torch.ones((), dtype=torch.bool, device=self.device)
@@ -320,6 +323,8 @@ class Trainer:
             entropy_sum = entropy.detach() if entropy_sum is None else entropy_sum + entropy.detach()
 
         apply_update = self._all_ranks_finite(finite)
+        # Intended sync, fp16 only (train.amp=fp16): GradScaler reads its found-inf flag on
+        # the host to decide whether to step. Disabled under bf16/off: no sync there.
         self.scaler.step(self.optimizer, apply_update=apply_update)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

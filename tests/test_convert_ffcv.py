@@ -147,9 +147,11 @@ def test_interrupted_conversion_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         converter.convert(tmp_path / "src", out, workers=2, progress=False)
     assert not out.exists() and leftovers(tmp_path) == []
-    # An earlier file at OUT survives a failed conversion untouched.
+    # An earlier file at OUT is refused without --overwrite, and survives a failed
+    # conversion with it untouched.
     out.write_bytes(b"previous")
-    assert converter.main([str(tmp_path / "src"), str(out), "--workers", "1"]) == 130
+    assert converter.main([str(tmp_path / "src"), str(out), "--workers", "1"]) == 2
+    assert converter.main([str(tmp_path / "src"), str(out), "--workers", "1", "--overwrite"]) == 130
     assert out.read_bytes() == b"previous" and leftovers(tmp_path) == []
 
 

@@ -4,7 +4,6 @@ import torch
 
 from carp_fast.data import DataPathError, MultiCropBatch, build_loader
 from carp_fast.data.crops import sample_crop
-from carp_fast.data.demo import generate_demo_dataset
 from carp_fast.data.folder import list_image_folder
 from carp_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 
@@ -115,33 +114,3 @@ def test_crop_parameters_respect_scale_and_ratio():
     areas, ratios = np.array(areas), np.array(ratios)
     assert areas.min() > 0.19 and areas.max() <= 1.0
     assert np.quantile(ratios, 0.02) > 0.7 and np.quantile(ratios, 0.98) < 1.4
-
-
-def test_demo_dataset_is_deterministic(tmp_path):
-    a = generate_demo_dataset(tmp_path / "a", train_per_class=2, val_per_class=1, size=24, seed=3)
-    b = generate_demo_dataset(tmp_path / "b", train_per_class=2, val_per_class=1, size=24, seed=3)
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
-    assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.jpg"))
-    assert len(files_a) == 6 * 3
-    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
-    # A second call on a complete dataset is a no-op.
-    assert generate_demo_dataset(a, train_per_class=2, val_per_class=1, size=24, seed=3) == a
-
-
-def test_demo_dataset_replaces_an_older_version_but_nothing_else(tmp_path):
-    from carp_fast.data import demo
-
-    root = generate_demo_dataset(tmp_path / "demo", train_per_class=1, val_per_class=1, size=24, seed=3)
-    (root / ".complete").write_text("demo dataset v0\n")
-    (root / "train.beton").write_bytes(b"derived from the old images")
-    generate_demo_dataset(root, train_per_class=1, val_per_class=1, size=24, seed=3)
-    assert (root / ".complete").read_text().strip() == demo.VERSION
-    assert not (root / "train.beton").exists()
-    assert len(list(root.rglob("*.jpg"))) == 6 * 2
-
-    foreign = tmp_path / "mine"
-    (foreign / "train").mkdir(parents=True)
-    (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a complete demo dataset"):
-        generate_demo_dataset(foreign, train_per_class=1, val_per_class=1, size=24)
-    assert (foreign / "notes.txt").read_text() == "keep me"

@@ -76,8 +76,12 @@ def test_export_round_trip_into_torchvision(tmp_path, fmt):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(images), features_of(teacher, images), rtol=0, atol=0)
+    # An existing --out is refused, byte for byte intact, unless --overwrite is given.
+    before = out.read_bytes()
+    assert export.main(["--ckpt", str(tmp_path), "--out", str(out), "--which", "student"]) == 2
+    assert out.read_bytes() == before
     # --which student exports the other network.
-    assert export.main(["--ckpt", str(tmp_path), "--out", str(out), "--which", "student"]) == 0
+    assert export.main(["--ckpt", str(tmp_path), "--out", str(out), "--which", "student", "--overwrite"]) == 0
     net, _ = torchvision_from(out)
     net.fc = torch.nn.Identity()
     with torch.no_grad():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from carp_fast import checkpoint
+from carp_fast import checkpoint, ownership
 from carp_fast.config import load_config
 from carp_fast.train import EXIT_PREEMPTED, EXIT_WRITE_FAILED
 from carp_fast.trainer import NonFiniteLoss, Trainer
@@ -110,9 +110,12 @@ def test_sigkill_during_checkpoint_write_leaves_old_or_new_file(tmp_path):
     state = checkpoint.load(path)
     assert state["step"] >= 1
     assert torch.equal(state["payload"][:3], torch.arange(3, dtype=torch.float32) + state["step"])
+    # Temporaries are removed only in a run directory carp_fast sealed.
+    assert checkpoint.remove_stale_temporaries(tmp_path) == []
+    ownership.write_marker(tmp_path, checkpoint.RUN_KIND, "1", {})
     removed = checkpoint.remove_stale_temporaries(tmp_path)
     assert all(p.name.endswith(".tmp") for p in removed)
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ownership.MARKER, "last.pt"]
 
 
 @pytest.mark.slow
@@ -159,6 +162,7 @@ def test_failed_write_keeps_previous_checkpoint_and_stops_clearly(tiny_config, m
 def test_failed_write_exit_status(tiny_dataset, tmp_path):
     out = tmp_path / "readonly"
     out.mkdir()
+    ownership.write_marker(out, checkpoint.RUN_KIND, "1", {})  # a run directory of carp_fast's
     (out / "last.pt").mkdir()  # renaming a file over a directory fails like a bad disk would
     result = subprocess.run(train_command(tiny_dataset / "train", out, **{"train.max_steps": 1}),
                             capture_output=True, text=True, timeout=300)

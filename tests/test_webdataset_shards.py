@@ -79,8 +79,22 @@ def test_shards_are_reproducible_and_index_only_rewrites_the_index(tiny_dataset,
         shard.with_suffix(".idx").unlink()
     assert tool.main(["--index-only", str(tmp_path / "a")]) == 0
     assert first[0].with_suffix(".idx").read_bytes() == expected
-    with pytest.raises(FileExistsError, match="already holds .tar shards"):
-        tool.write_shards(tiny_dataset / "train", tmp_path / "a")
+    # Rewriting the index of shards this tool wrote needs no flag; a foreign .idx does.
+    assert tool.main(["--index-only", str(tmp_path / "a")]) == 0
+    foreign = tmp_path / "theirs"
+    foreign.mkdir()
+    (foreign / "x.tar").write_bytes(first[0].read_bytes())
+    (foreign / "x.idx").write_text("their own index\n")
+    assert tool.main(["--index-only", str(foreign)]) == 2
+    assert (foreign / "x.idx").read_text() == "their own index\n"
+    assert tool.main(["--index-only", "--overwrite", str(foreign)]) == 0
+    assert (foreign / "x.idx").read_bytes() == expected
+    # Shards this tool wrote are replaced whole (only its own files go); others refused.
+    again, _ = tool.write_shards(tiny_dataset / "train", tmp_path / "a", samples_per_shard=10)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in second]
+    with pytest.raises(FileExistsError, match="did not write"):
+        tool.write_shards(tiny_dataset / "train", foreign)
+    assert (foreign / "x.idx").read_bytes() == expected
 
 
 def test_shuffled_shards_hold_the_same_samples(tiny_dataset, tmp_path):

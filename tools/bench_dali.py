@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from carp_fast import profiling  # noqa: E402
+from carp_fast import ownership, profiling  # noqa: E402
 from carp_fast.config import load_config  # noqa: E402
 from carp_fast.data import build_loader  # noqa: E402
 
@@ -94,21 +94,24 @@ def photograph(rng: np.random.Generator, height: int = 350, width: int = 400) ->
 
 
 def make_photographs(root: Path, count: int, classes: int, quality: int, seed: int) -> Path:
-    """An ImageFolder of ``count`` photographs under ``root`` (kept and reused when complete)."""
-    marker = root / ".complete"
-    stamp = f"{count} {classes} {quality} {seed}\n"
-    if marker.exists() and marker.read_text() == stamp:
-        return root
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        folder = root / f"class_{i % classes:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        height, width = int(rng.integers(320, 381)), int(rng.integers(370, 431))
-        buffer = io.BytesIO()
-        photograph(rng, height, width).save(buffer, "JPEG", quality=quality)
-        (folder / f"photo_{i:05d}.jpg").write_bytes(buffer.getvalue())
-    marker.write_text(stamp)
-    return root
+    """An ImageFolder of ``count`` photographs under ``root`` (kept and reused when complete).
+
+    ``root`` must be new, empty, or photographs this tool wrote (sealed, see
+    carp_fast/ownership.py); anything else there is refused and left alone.
+    """
+
+    def fill(staging: Path) -> None:
+        rng = np.random.default_rng(seed)
+        for i in range(count):
+            folder = staging / f"class_{i % classes:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            height, width = int(rng.integers(320, 381)), int(rng.integers(370, 431))
+            buffer = io.BytesIO()
+            photograph(rng, height, width).save(buffer, "JPEG", quality=quality)
+            (folder / f"photo_{i:05d}.jpg").write_bytes(buffer.getvalue())
+
+    return ownership.generated_folder(root, "benchmark photographs", f"{count} {classes} {quality} {seed}",
+                                      fill, "Choose a new or empty --data folder.")
 
 
 def epoch_rate(loader, epoch: int) -> tuple[float, float]:
@@ -262,8 +265,7 @@ def main(argv=None) -> dict:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        ownership.write_report(args.json, report)
     if temporary is not None:
         temporary.cleanup()
     return report

@@ -105,16 +105,21 @@ def _write_photo(args: tuple[Path, int, int]) -> int:
 
 
 def make_photos(folder: Path, count: int, seed: int = 0, workers: int = 2) -> Path:
-    """``count`` JPEG photographs in ImageFolder layout under ``folder``, generated once."""
-    marker = folder / ".complete"
-    if marker.exists() and marker.read_text() == f"{count} {seed}\n":
-        return folder
-    for k in range(CLASSES):
-        (folder / f"c{k}").mkdir(parents=True, exist_ok=True)
-    with Pool(workers) as pool:
-        pool.map(_write_photo, [(folder, i, seed) for i in range(count)], chunksize=16)
-    marker.write_text(f"{count} {seed}\n")
-    return folder
+    """``count`` JPEG photographs in ImageFolder layout under ``folder``, generated once.
+
+    ``folder`` must be new, empty, or a set of photographs this tool wrote (sealed, see
+    carp_fast/ownership.py); anything else there is refused and left alone.
+    """
+    from carp_fast import ownership
+
+    def fill(staging: Path) -> None:
+        for k in range(CLASSES):
+            (staging / f"c{k}").mkdir(parents=True)
+        with Pool(workers) as pool:
+            pool.map(_write_photo, [(staging, i, seed) for i in range(count)], chunksize=16)
+
+    return ownership.generated_folder(folder, "benchmark photographs", f"{count} {seed}", fill,
+                                      "Choose a new or empty --data-dir.")
 
 
 def _converter():
@@ -460,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary, indent=1))
     print(json.dumps(split, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        from carp_fast import ownership
+
+        ownership.write_report(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

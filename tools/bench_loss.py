@@ -50,6 +50,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from carp_fast import ownership  # noqa: E402
 from carp_fast.loss import EPS, draw_partition, reference_carp_loss  # noqa: E402  (after the path fix)
 
 IMPLS = ("published", "reference", "compiled", "fused", "fused_warp", "fused_blocked")
@@ -454,8 +455,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{entry['bytes_per_s'] / 1e12:5.2f} TB/s = {entry['of_copy_bandwidth']:.0%} of copy"
                       + (f", {entry['of_datasheet_peak']:.0%} of datasheet" if entry["of_datasheet_peak"] else ""))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        ownership.write_report(args.json, result)
     return result
 
 

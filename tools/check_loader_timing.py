@@ -14,7 +14,7 @@ full MultiCropBatch, and the producer alone for ffcv and dali) agrees within
 ``--tolerance`` and the profiler finished within ``--budget-s``; the exit status is 1
 otherwise. Backends that are not installed are reported and left out.
 
-The demo dataset is generated under data/demo when absent; the FFCV backend reads
+The demo dataset is generated under data/demo where nothing is yet (as data.generate_demo does); the FFCV backend reads
 data/demo/train.beton, converted here the first time.
 """
 
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from carp_fast import profiling  # noqa: E402
+from carp_fast import ownership, profiling  # noqa: E402
 
 CONFIG = "demo_cpu.yaml"
 DEMO = ROOT / "data" / "demo"
@@ -40,15 +40,19 @@ PRODUCER_BACKENDS = ("ffcv", "dali")
 
 def data_paths(backends: list[str]) -> dict[str, str]:
     """Where each backend reads the demo's training images, preparing what is missing."""
-    from carp_fast.data.demo import generate_demo_dataset
+    from carp_fast.data import demo
 
-    generate_demo_dataset(DEMO)
+    demo.prepare_demo(DEMO / "train")  # what data.generate_demo does: never over anyone's files
     paths = {b: str((DEMO / "train").relative_to(ROOT)) for b in backends}
     if "ffcv" in backends:
         beton = DEMO / "train.beton"
         if not beton.exists():
             subprocess.run([sys.executable, str(ROOT / "tools" / "convert_imagenet_ffcv.py"),
                             str(DEMO / "train"), str(beton), "--workers", "2"], check=True)
+            if demo.is_current_demo(DEMO):
+                # Listed in the demo's marker: derived from these images, it goes with them
+                # when a newer demo version replaces them.
+                ownership.record_file(DEMO, demo.KIND, beton.name)
         paths["ffcv"] = str(beton.relative_to(ROOT))
     return paths
 
@@ -186,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:32s} {entry}")
     print("passed" if report["passed"] else "FAILED")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        ownership.write_report(args.json, report, indent=1, default=str)
         print(f"wrote {args.json}")
     return 0 if report["passed"] else 1
 

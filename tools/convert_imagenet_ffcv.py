@@ -2,7 +2,7 @@
 """Convert an ImageFolder tree (ImageNet's train/ or val/ layout) into an FFCV .beton.
 
     python tools/convert_imagenet_ffcv.py SRC_DIR OUT.beton [--max-side 500] [--quality 90]
-                                          [--raw-fraction 0.5] [--workers N]
+                                          [--raw-fraction 0.5] [--workers N] [--overwrite]
 
 Labels are the class folders' indices in sorted order (torchvision's ImageFolder rule),
 so a train and a val tree with the same classes get the same labels. Images are shrunk
@@ -15,7 +15,8 @@ Two passes: every file is first checked (decoded at 1/8 scale, which reads all o
 compressed data), unreadable ones are reported by path and left out; then the readable
 ones are written by --workers processes. The output is written to a hidden temporary
 file beside OUT and renamed into place only when complete, so an interrupted or failed
-conversion never leaves a file at OUT.
+conversion never leaves a file at OUT. An existing OUT is refused (before any work)
+unless --overwrite is given.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 import os
 import queue
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing import Pool, Process, Queue, Value
@@ -35,6 +37,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from carp_fast import ownership
 from carp_fast.data.folder import DataPathError, list_image_folder
 
 MISSING_FFCV = (
@@ -210,12 +213,14 @@ def convert(
     raw_fraction: float = 0.5,
     workers: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Summary:
     """Write the ImageFolder tree at ``source`` to the .beton ``output``; see the module doc.
 
     Raises :class:`DataPathError` for a missing or empty source (naming it) and
     :class:`ConversionError` when the conversion cannot complete; in every failure,
-    and on KeyboardInterrupt, nothing is left at ``output``.
+    and on KeyboardInterrupt, nothing is left at ``output``. An existing ``output`` is
+    replaced only with ``overwrite`` (else :class:`~carp_fast.ownership.OwnershipError`).
     """
     if max_side < 0:
         raise ValueError(f"--max-side must be 0 (keep) or positive, got {max_side}")
@@ -231,6 +236,7 @@ def convert(
     samples, classes = list_image_folder(source)
     if output.is_dir():
         raise ConversionError(f"output {output} is a folder; give the path of the .beton file to write")
+    ownership.check_overwrite(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
@@ -260,12 +266,16 @@ def convert(
         ),
         "label": IntField(),
     }
-    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    writer = Writer(
-        str(partial), fields, page_size=_page_size(sizes, max_side), num_workers=workers
-    )
-    writer.progress = progress
+    # A name no other file has (mkstemp creates it exclusively), so the writer and the
+    # clean-up below touch only this conversion's bytes.
+    fd, partial_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    partial = Path(partial_name)
     try:
+        writer = Writer(
+            str(partial), fields, page_size=_page_size(sizes, max_side), num_workers=workers
+        )
+        writer.progress = progress
         writer.from_indexed_dataset(FolderImages(readable, max_side), chunksize=64)
         os.replace(partial, output)
     except BaseException:
@@ -282,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Convert an ImageFolder tree (ImageNet train/ or val/) to an FFCV .beton file.",
     )
     parser.add_argument("source", help="root of the tree: SOURCE/<class>/<image>")
-    parser.add_argument("output", help="the .beton file to write (replaced if it exists)")
+    parser.add_argument("output", help="the .beton file to write (must not exist, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     parser.add_argument("--max-side", type=int, default=500,
                         help="shrink images so the longer side is at most this (0: keep size); default 500")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of compressed images; default 90")
@@ -293,9 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = convert(
-            args.source, args.output, args.max_side, args.quality, args.raw_fraction, args.workers
+            args.source, args.output, args.max_side, args.quality, args.raw_fraction, args.workers,
+            overwrite=args.overwrite,
         )
-    except (DataPathError, ValueError) as error:
+    except (DataPathError, ValueError, ownership.OwnershipError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except ConversionError as error:

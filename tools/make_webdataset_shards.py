@@ -23,19 +23,26 @@ and renamed into place, so an interrupted run leaves no half-written shard that 
 complete. ``--verify`` decodes every image with PIL first and leaves out (and lists) the
 ones that fail; without it only files PIL cannot identify are left out.
 
-``--index-only`` (re)writes the .idx file of every .tar in a folder, for shards made
+OUT_DIR must be new, empty, or a shard folder this tool wrote (sealed by carp_fast's
+marker, see carp_fast/ownership.py, and holding nothing else); the shards are written
+into a temporary sibling folder that is sealed and renamed into place when complete, and
+only the files the old marker lists are removed. Anything else at OUT_DIR is refused.
+
+``--index-only`` writes the .idx file of every .tar in a folder, for shards made
 elsewhere: members are grouped into samples by the name up to the first dot of the file
-name, as DALI's reader groups them.
+name, as DALI's reader groups them. An existing .idx is replaced only with
+``--overwrite`` (or when this tool wrote it).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import os
 import re
+import shutil
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +50,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from carp_fast import ownership  # noqa: E402
 from carp_fast.data.folder import list_image_folder  # noqa: E402
 
 INDEX_VERSION = "v1.2"
+KIND = "webdataset shards"
+WHAT_TO_DO = "Choose a new or empty OUT_DIR for the shards."
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -89,14 +99,8 @@ def write_index(tar_path: str | Path, index_path: str | Path | None = None) -> i
         raise ValueError(f"{tar_path} holds no webdataset sample")
     lines = [f"{INDEX_VERSION} {len(samples)}"]
     lines += [" ".join(f"{e} {o} {s} {n}" for e, o, s, n in sample) for sample in samples]
-    _write_atomic(index_path, ("\n".join(lines) + "\n").encode())
+    ownership.write_atomic(index_path, ("\n".join(lines) + "\n").encode())
     return len(samples)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def _sample_keys(samples: list[tuple[str, int]], classes: list[str]) -> list[str]:
@@ -154,9 +158,7 @@ def write_shards(
         raise ValueError("samples_per_shard must be positive")
     samples, classes = list_image_folder(source)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if any(out_dir.glob("*.tar")):
-        raise FileExistsError(f"{out_dir} already holds .tar shards; choose an empty folder")
+    ownership.check_folder_is_free(out_dir, KIND, WHAT_TO_DO)  # refuse before any work
     skipped = []
     kept = []
     for path, label in samples:
@@ -171,22 +173,48 @@ def write_shards(
     order = np.arange(len(kept))
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(len(kept))
-    shards = []
-    for shard, first in enumerate(range(0, len(kept), samples_per_shard)):
-        tar_path = out_dir / f"{prefix}-{shard:06d}.tar"
-        temporary = out_dir / f".{tar_path.name}.partial"
-        with tarfile.open(temporary, "w", format=tarfile.GNU_FORMAT) as archive:
-            for i in order[first : first + samples_per_shard].tolist():
-                path, label = kept[i]
-                ext = Path(path).suffix.lower().lstrip(".")
-                archive.addfile(*_member(f"{keys[i]}.{ext}", Path(path).read_bytes()))
-                archive.addfile(*_member(f"{keys[i]}.cls", str(label).encode()))
-        # The index first, from the finished archive: a .tar in place always has its .idx.
-        write_index(temporary, tar_path.with_suffix(".idx"))
-        os.replace(temporary, tar_path)
-        shards.append(tar_path)
-    _write_atomic(out_dir / "classes.txt", ("\n".join(classes) + "\n").encode())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing.", dir=out_dir.parent))
+    names = []
+    try:
+        for shard, first in enumerate(range(0, len(kept), samples_per_shard)):
+            tar_path = staging / f"{prefix}-{shard:06d}.tar"
+            with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as archive:
+                for i in order[first : first + samples_per_shard].tolist():
+                    path, label = kept[i]
+                    ext = Path(path).suffix.lower().lstrip(".")
+                    archive.addfile(*_member(f"{keys[i]}.{ext}", Path(path).read_bytes()))
+                    archive.addfile(*_member(f"{keys[i]}.cls", str(label).encode()))
+            write_index(tar_path, tar_path.with_suffix(".idx"))
+            names.append(tar_path.name)
+        (staging / "classes.txt").write_bytes(("\n".join(classes) + "\n").encode())
+        ownership.install_folder(staging, out_dir, KIND, "1", WHAT_TO_DO)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # mkdtemp made it: only this run's files
+        raise
+    shards = [out_dir / name for name in names]
     return shards, skipped
+
+
+def write_indexes(folder: Path, overwrite: bool, parser: argparse.ArgumentParser) -> int:
+    """``--index-only``: an .idx beside every .tar; existing ones only when ours or --overwrite."""
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        parser.error(f"no .tar file in {folder}")
+    marker = ownership.read_marker(folder, KIND)
+    ours = marker["files"] if marker else {}
+    for tar in tars:
+        index = tar.with_suffix(".idx")
+        if index.exists() and not overwrite and ours.get(index.name) != index.stat().st_size:
+            print(f"error: {index} exists and this tool did not write it; it was left as it is "
+                  "(pass --overwrite to replace it)", file=sys.stderr)
+            return 2
+    for tar in tars:
+        index = tar.with_suffix(".idx")
+        print(f"{index}: {write_index(tar, index)} samples")
+        if index.name in ours:
+            ownership.record_file(folder, KIND, index.name)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,18 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", default="shard", help="shard file name prefix")
     parser.add_argument("--index-only", action="store_true",
                         help="write the .idx file of every .tar under SOURCE")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --index-only: replace .idx files this tool did not write")
     args = parser.parse_args(argv)
     if args.index_only:
-        tars = sorted(Path(args.source).glob("*.tar"))
-        if not tars:
-            parser.error(f"no .tar file in {args.source}")
-        for tar in tars:
-            print(f"{tar.with_suffix('.idx')}: {write_index(tar)} samples")
-        return 0
+        return write_indexes(Path(args.source), args.overwrite, parser)
     if args.out_dir is None:
         parser.error("OUT_DIR is required (or --index-only)")
-    shards, skipped = write_shards(args.source, args.out_dir, args.samples_per_shard,
-                                   args.verify, args.shuffle_seed, args.prefix)
+    try:
+        shards, skipped = write_shards(args.source, args.out_dir, args.samples_per_shard,
+                                       args.verify, args.shuffle_seed, args.prefix)
+    except ownership.OwnershipError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     for line in skipped:
         print(f"left out {line}", file=sys.stderr)
     print(f"{len(shards)} shards with their .idx files in {args.out_dir}; "

@@ -25,9 +25,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_loss import published_carp_loss  # noqa: E402
 
-from carp_fast import profiling  # noqa: E402
+from carp_fast import ownership, profiling  # noqa: E402
 from carp_fast.config import load_config  # noqa: E402
 from carp_fast.data import build_loader  # noqa: E402
 from carp_fast.data.synthetic import SyntheticLoader  # noqa: E402
@@ -129,6 +129,10 @@ def carp_fast_steps(cfg, device, steps: int, warmup: int, loader=None, timed_pha
     """Optimiser steps of the real trainer; synthetic data unless ``loader`` is given."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp) if device.type == "cuda" else None
     source = loader or SyntheticLoader(cfg, device, dtype, length=steps + warmup)
+    # Timed steps write nothing, but a Trainer takes its run directory: a private one, so
+    # that profiling never waits on (or writes into) a real run's directory.
+    cfg = copy.deepcopy(cfg)
+    cfg.train.out_dir = tempfile.mkdtemp(prefix="carp_profile_run_")
     trainer = Trainer(cfg, loader=source)
     trainer.student.train()
     trainer.teacher.train()
@@ -532,8 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         report["verdict"] += "; " + cores["verdict"]
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        ownership.write_report(args.json, report, indent=1, default=str)
         print(f"\nwrote {args.json}")
     return 0
 

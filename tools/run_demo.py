@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from carp_fast import profiling  # noqa: E402
+from carp_fast import ownership, profiling  # noqa: E402
 from carp_fast.config import load_config  # noqa: E402
 
 CONFIG = "demo_cpu.yaml"
@@ -86,10 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             "random_init": knn["random_init"]["results"],
         },
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    ownership.write_report(out_dir / "summary.json", summary, indent=1)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        ownership.write_report(args.json, summary, indent=1)
     k = summary["knn"]
     print(f"\ndemo: {steps} steps in {train_s / 60:.1f} min; 10-NN top-1 on {k['num_val']} held-out images: "
           f"trained {k['trained_top1']:.1f} % vs random init {k['random_top1']:.1f} % "

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from carp_fast import profiling  # noqa: E402
+from carp_fast import ownership, profiling  # noqa: E402
 
 
 def rss_mib(pid: int) -> float | None:
@@ -87,7 +87,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra config overrides")
     args = parser.parse_args()
 
-    out_dir = Path(args.out_dir or tempfile.mkdtemp(prefix="carp_soak_"))
+    # The log goes to a fresh folder of the soak's own, never into the run directory
+    # (which must hold only what the trainer writes) nor over an existing file.
+    workspace = Path(tempfile.mkdtemp(prefix="carp_soak_"))
+    out_dir = Path(args.out_dir) if args.out_dir else workspace / "run"
     overrides = [
         f"train.out_dir={out_dir}", f"train.max_steps={args.steps}", "train.epochs=1000",
         "train.log_every=20", "train.ckpt_every=250", "train.progress=lines",
@@ -103,8 +106,7 @@ def main() -> int:
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     started = time.time()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_path = out_dir / "soak.log"
+    log_path = workspace / "soak.log"
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     samples: list[dict] = []
@@ -135,8 +137,7 @@ def main() -> int:
         "wall_s": round(time.time() - started, 1),
         **summarise(samples, records, args.warmup_steps),
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    ownership.write_report(args.json, result, indent=1)
     print(json.dumps({k: v for k, v in result.items() if k != "rss_samples"}, indent=1))
     return 0
 

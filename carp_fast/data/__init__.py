@@ -51,17 +51,27 @@ class DeviceLoader:
             yield self.augment(batch, self.epoch, step, self.dtype)
 
 
-def prepare_data(cfg: Config) -> None:
-    """Generate the demo dataset when asked to and absent (``data.generate_demo``)."""
+def prepare_data(cfg: Config, device: torch.device | str = "cpu") -> None:
+    """Generate the demo dataset when asked to and where nothing is yet (``data.generate_demo``).
+
+    Rank 0 generates (or refuses, see :func:`carp_fast.data.demo.prepare_demo`); the
+    other ranks wait for it and raise too when it failed, rather than hang.
+    """
     if not cfg.data.generate_demo:
         return
     from carp_fast import distributed
-    from carp_fast.data.demo import generate_demo_dataset
+    from carp_fast.data.demo import prepare_demo
 
-    path = Path(cfg.data.path)
+    failure = None
     if distributed.rank() == 0:
-        generate_demo_dataset(path.parent if path.name in ("train", "val") else path)
-    distributed.barrier()
+        try:
+            prepare_demo(cfg.data.path)
+        except Exception as error:  # re-raised below, once every rank knows
+            failure = error
+    if not distributed.all_ok(failure is None, torch.device(device)):
+        if failure is not None:
+            raise failure
+        raise DataPathError(f"rank 0 could not prepare the demo dataset at {cfg.data.path} (see its error)")
 
 
 def build_loader(
@@ -83,7 +93,7 @@ def build_loader(
     device = torch.device(device)
     rank = distributed.rank() if rank is None else rank
     world = distributed.world_size() if world is None else world
-    prepare_data(cfg)
+    prepare_data(cfg, device)
     backend_name = cfg.data.backend
     if backend_name == "synthetic":
         from carp_fast.data.synthetic import SyntheticLoader

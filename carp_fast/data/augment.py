@@ -14,6 +14,7 @@ device-to-host synchronisation (which samples take which branch is known on the 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from carp_fast.data import recipe
-from carp_fast.data.batch import MultiCropBatch
+from carp_fast.data.batch import MultiCropBatch, host_to_device
 
 # ITU-R 601-2 luma, the weights of PIL's "L" mode and torchvision's rgb_to_grayscale.
 _LUMA = (0.2989, 0.587, 0.114)
@@ -123,28 +124,28 @@ class MultiCropAugment:
         device = views.device
         luma, scale, shift = self._device_constants(device)
         x = views.to(torch.float32).contiguous(memory_format=torch.channels_last).div_(255)
-        rows = _to_device(_host_rows(params), device)
+        rows = host_to_device(_host_rows(params), device)
         for slot in range(4):
             op = np.where(params.jitter, params.order[:, slot], -1)
             x = _blend_step(x, op, rows, slot, luma)
             hue_rows = np.flatnonzero(op == _HUE)
             if hue_rows.size:
-                index = _to_device(hue_rows, device)
+                index = host_to_device(hue_rows, device)
                 hue_shift = rows[index, 3]
                 _put_rows(x, index, adjust_hue(_take_rows(x, index), hue_shift))
         gray_rows = np.flatnonzero(params.grayscale)
         if gray_rows.size:
-            index = _to_device(gray_rows, device)
+            index = host_to_device(gray_rows, device)
             _put_rows(x, index, _luma(_take_rows(x, index), luma).expand(-1, 3, -1, -1))
         blur_rows = np.flatnonzero(params.blur)
         if blur_rows.size:
-            index = _to_device(blur_rows, device)
+            index = host_to_device(blur_rows, device)
             sigma = rows[index, 9]
             half = int(math.ceil(3 * float(params.sigma[blur_rows].max())))
             _put_rows(x, index, gaussian_blur(_take_rows(x, index), sigma, half))
         solarize_rows = np.flatnonzero(params.solarize)
         if solarize_rows.size:
-            index = _to_device(solarize_rows, device)
+            index = host_to_device(solarize_rows, device)
             sub = _take_rows(x, index)
             threshold = recipe.SOLARIZE_THRESHOLD / 255
             _put_rows(x, index, torch.where(sub >= threshold, 1 - sub, sub))
@@ -162,14 +163,6 @@ class MultiCropAugment:
                 (-mean / std).to(device, torch.float32).view(1, 3, 1, 1),
             )
         return self._constants[device]
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A small host array on ``device`` without making the host wait for the GPU."""
-    tensor = torch.from_numpy(np.ascontiguousarray(array))
-    if device.type == "cuda":
-        tensor = tensor.pin_memory()  # only a copy from pinned memory is truly asynchronous
-    return tensor.to(device, non_blocking=True)
 
 
 def _host_rows(params: ViewParams) -> np.ndarray:
@@ -245,10 +238,16 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
     # Gray pixels (C = 0) have numerator 0; any hue gives them back V.
     hue = numerator.div_(chroma.clamp_min(1e-12)).add_(sector).add_(6.0 * shift.view(-1, 1, 1))
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(hue.unsqueeze(1) + n, 6.0)
+    k = torch.remainder(hue.unsqueeze(1) + _hue_offsets(x.device, x.dtype), 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0, 1)
     return maxc.unsqueeze(1) - chroma.unsqueeze(1) * ramp
+
+
+@functools.lru_cache(maxsize=None)
+def _hue_offsets(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """n = 5, 3, 1 for R, G, B as ``[1, 3, 1, 1]``: built once per device and dtype, since
+    a tensor made from a Python list on a GPU is a blocking host-to-device copy."""
+    return torch.tensor([5.0, 3.0, 1.0], dtype=dtype).view(1, 3, 1, 1).to(device)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, half: int) -> torch.Tensor:

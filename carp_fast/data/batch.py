@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -30,6 +31,18 @@ class MultiCropBatch(NamedTuple):
         return (self.global_views.shape[0] + local) // self.batch_size
 
 
+def host_to_device(value: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host array or tensor on ``device`` without making the host wait for the GPU.
+
+    Only a copy from pinned memory is truly asynchronous (from pageable memory the driver
+    stages it while the host waits), so on CUDA the value is pinned first.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(value)) if isinstance(value, np.ndarray) else value
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def to_device(
     batch: MultiCropBatch, device: torch.device, dtype: torch.dtype | None = None
 ) -> MultiCropBatch:
@@ -44,5 +57,5 @@ def to_device(
         return images.contiguous(memory_format=torch.channels_last)
 
     return MultiCropBatch(
-        move(batch.global_views), move(batch.local_views), batch.labels.to(device, non_blocking=True)
+        move(batch.global_views), move(batch.local_views), host_to_device(batch.labels, device)
     )

@@ -1,6 +1,6 @@
 """The embedded demo dataset: small JPEGs of shapes a network can learn to tell apart.
 
-Generated deterministically from a seed when absent, in ImageFolder layout
+Generated deterministically from a seed where nothing is yet, in ImageFolder layout
 (``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg``), so every backend reads it.
 
 Designed so that what two random crops of one image share is the kind of shape, and
@@ -14,16 +14,20 @@ network learnt colour, and k-NN on shape classes stayed near chance).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import logging
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from carp_fast import ownership
+from carp_fast.data.folder import DataPathError, list_image_folder
+
+log = logging.getLogger(__name__)
+
 CLASSES = ("disc", "square", "triangle", "ring", "cross", "stripes")
-VERSION = "demo dataset v2"
+# v3: the same images as v2, sealed by carp_fast's marker (v2 wrote a bare .complete).
+VERSION = "demo dataset v3"
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, radius: float,
@@ -74,6 +78,44 @@ def _draw(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
     return image
 
 
+KIND = "demo dataset"
+WHAT_TO_DO = ("Point data.path at a new or empty folder for the demo images, or set "
+              "data.generate_demo=false to train on what is there.")
+
+
+def is_current_demo(root: str | Path) -> bool:
+    """Whether ``root`` holds a demo dataset this version of carp_fast wrote."""
+    marker = ownership.read_marker(root, KIND)
+    return marker is not None and marker["version"] == VERSION
+
+
+def prepare_demo(path: str | Path) -> Path:
+    """What ``data.generate_demo`` does for ``data.path``; returns the dataset root.
+
+    The root is ``path``'s parent when ``path`` names a ``train`` or ``val`` split. A
+    current demo dataset there is used; an outdated one carp_fast wrote is regenerated;
+    an image folder at ``path`` that carp_fast did not write is simply used (nothing is
+    generated or changed); otherwise the demo is generated where nothing is yet (absent
+    or empty root), and anything else is refused (:class:`~carp_fast.ownership.OwnershipError`).
+    """
+    path = Path(path)
+    root = path.parent if path.name in ("train", "val") else path
+    if is_current_demo(root):
+        return root
+    if ownership.read_marker(root, KIND) is None and _holds_images(path):
+        log.info("data.generate_demo: %s already holds images; training on them as they are", path)
+        return root
+    return generate_demo_dataset(root)
+
+
+def _holds_images(path: Path) -> bool:
+    try:
+        list_image_folder(path)
+    except DataPathError:
+        return False
+    return True
+
+
 def generate_demo_dataset(
     root: str | Path,
     train_per_class: int = 200,
@@ -82,26 +124,20 @@ def generate_demo_dataset(
     seed: int = 0,
     classes: tuple[str, ...] = CLASSES,
 ) -> Path:
-    """Write the demo dataset under ``root`` unless it is already complete; returns root.
+    """Write the demo dataset under ``root`` unless it is already there; returns root.
 
-    Written into a temporary sibling folder and renamed into place, so an interrupted
-    generation never leaves a half-filled dataset that looks complete. A dataset that an
-    older version of this generator wrote (its marker names another version) is replaced,
-    with whatever was derived from it inside ``root``; anything else already at ``root``
-    is left alone and refused.
+    ``root`` may be absent, an empty folder, or a demo dataset carp_fast wrote (sealed by
+    its marker, see :mod:`carp_fast.ownership`). A current one is used as it is; one an
+    older version wrote is regenerated, removing only the files its marker lists, and
+    only when nothing else is in the folder. Anything else raises
+    :class:`~carp_fast.ownership.OwnershipError` and is left untouched.
+
+    The images go to a temporary sibling folder, the marker is written last and the
+    folder renamed into place, so an interrupted generation never leaves anything at
+    ``root`` that looks complete.
     """
-    root = Path(root)
-    marker = root / ".complete"
-    outdated = None
-    if marker.exists():
-        if marker.read_text().strip() == VERSION:
-            return root
-        outdated = marker.read_text().strip()
-    elif root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists, is not empty and is not a complete demo dataset")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def fill(staging: Path) -> None:
         for split, per_class, split_seed in (("train", train_per_class, seed), ("val", val_per_class, seed + 1)):
             rng = np.random.default_rng([split_seed, 17])
             for name in classes:
@@ -109,17 +145,7 @@ def generate_demo_dataset(
                 folder.mkdir(parents=True)
                 for index in range(per_class):
                     _draw(name, size, rng).save(folder / f"{name}_{index:04d}.jpg", quality=90)
-        (staging / ".complete").write_text(VERSION + "\n")
-        if outdated is not None:
-            retired = Path(tempfile.mkdtemp(prefix=f".{root.name}.old.", dir=root.parent))
-            os.replace(root, retired / root.name)
-            shutil.rmtree(retired)
-        elif root.exists():
-            root.rmdir()
-        os.replace(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if marker.exists() and marker.read_text().strip() == VERSION:
-            return root  # another process finished the same dataset first
-        raise
-    return root
+
+    params = {"train_per_class": train_per_class, "val_per_class": val_per_class,
+              "size": size, "seed": seed, "classes": list(classes)}
+    return ownership.generated_folder(root, KIND, VERSION, fill, WHAT_TO_DO, parameters=params)

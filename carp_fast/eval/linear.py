@@ -37,13 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carp_fast import checkpoint
+from carp_fast import checkpoint, ownership
 
 log = logging.getLogger(__name__)
 
 STATE = "checkpoint.pt"
 LOG = "log.jsonl"
 SUMMARY = "summary.json"
+PROBE_KIND = "linear probe"  # the ownership marker's kind for a probe's --out folder
 
 
 @dataclass
@@ -196,6 +197,15 @@ def _read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _probe_before_markers(out_dir: Path) -> bool:
+    """Whether out_dir holds a probe state an older carp_fast wrote (before markers)."""
+    try:
+        state = checkpoint.load(out_dir / STATE)
+    except checkpoint.CheckpointError:
+        return False
+    return {"classifier", "optimizer", "epoch", "meta"} <= state.keys()
+
+
 def train_probe(
     train_epoch: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
     val_features: torch.Tensor,
@@ -217,7 +227,8 @@ def train_probe(
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ownership.claim_folder(out_dir, PROBE_KIND, _probe_before_markers,
+                           "Choose a new or empty --out for the probe.")
     meta = {"dim": dim, "num_classes": num_classes, "settings": asdict(settings), **(identity or {})}
     meta = json.loads(json.dumps(meta))  # the form it takes once saved
     torch.manual_seed(settings.seed)

@@ -52,9 +52,14 @@ from pathlib import Path
 
 from kernel_report import ROOT, checkout_csrc
 
+from carp_fast import ownership
 from carp_fast.profiling import git_commit
 
 DEFAULT_PREPARED = ROOT / ".ab"
+PREPARED_KIND = "kernel_ab prepared versions"
+PREPARED_HINT = "Choose a new or empty --into folder."
+WORK_KIND = "kernel_ab work"
+LOG_HEADER = "# kernel_ab.py log"
 DEFAULT_WORK = Path(tempfile.gettempdir()) / "kernel_ab"
 # Where run writes kernel_ab.json and adopt reads it ($OUT on the device machine).
 DEFAULT_OUT = Path(os.environ.get("OUT", "kernel_ab_out"))
@@ -94,7 +99,9 @@ def prepare(specs: list[str], into: Path) -> list[dict]:
         raise SystemExit(f"version names must differ: {names}")
     if not versions:
         raise SystemExit("name at least one version")
-    staging = Path(tempfile.mkdtemp(prefix="kernel_ab_prepare_"))
+    into.parent.mkdir(parents=True, exist_ok=True)
+    ownership.check_folder_is_free(into, PREPARED_KIND, PREPARED_HINT)  # refuse before any work
+    staging = Path(tempfile.mkdtemp(prefix=f".{into.name}.preparing.", dir=into.parent))
     try:
         records = []
         for index, (name, source, patch) in enumerate(versions):
@@ -118,12 +125,10 @@ def prepare(specs: list[str], into: Path) -> list[dict]:
                       "patch": patch.as_posix() if patch else None, "commit": commit}
             (folder / "version.json").write_text(json.dumps(record, indent=2) + "\n")
             records.append(record)
-        # Only now, with every version in hand, does the old set go.
-        if into.exists():
-            shutil.rmtree(into)
-        shutil.copytree(staging, into)
+        # Only now, with every version in hand, does the old set go (only its listed files).
+        ownership.install_folder(staging, into, PREPARED_KIND, "1", PREPARED_HINT)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # mkdtemp made it (gone once installed)
     return records
 
 
@@ -149,6 +154,10 @@ def load_versions(prepared: Path) -> list[dict]:
 
 def make_copy(version: dict, work: Path) -> Path:
     """This repository's Python side with the version's csrc/, at work/<name>."""
+    # `work` is kernel_ab's scratch folder (sealed when first used; a folder holding anything
+    # else is refused), so the copies in it, build outputs included, are its own to replace.
+    ownership.claim_folder(work, WORK_KIND, lambda folder: False,
+                           "Choose a new or empty --work folder.")
     copy = work / version["name"]
     if copy.exists():
         shutil.rmtree(copy)
@@ -266,7 +275,11 @@ def run(prepared: Path, work: Path, out: Path, rounds: int, bench_args: list[str
     versions = load_versions(prepared)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "kernel_ab.log"
+    if log_path.exists() and not log_path.read_text(errors="replace").startswith(LOG_HEADER):
+        raise SystemExit(f"{log_path} exists and kernel_ab did not write it; it was left as it "
+                         "is: choose another --out")
     log_file = log_path.open("w")
+    log_file.write(LOG_HEADER + "\n")
 
     def log(text: str) -> None:
         print(text, flush=True)
@@ -331,7 +344,7 @@ def run(prepared: Path, work: Path, out: Path, rounds: int, bench_args: list[str
         "versions": versions,
         "seconds": round(time.monotonic() - started, 1),
     }
-    (out / "kernel_ab.json").write_text(json.dumps(summary, indent=2) + "\n")
+    ownership.write_report(out / "kernel_ab.json", summary)
     for name, values in medians.items():
         shown = ", ".join(f"{key} {value:.4g}" for key, value in values.items()
                           if key.endswith("forward_backward_ms") or key == "fused.step_ms")
@@ -366,12 +379,13 @@ def adopt(result: Path, prepared: Path, into: Path, margin: float) -> list[str]:
     if best == base or times[best] > (1 - margin) * times[base]:
         return lines + [f"no version beats {base} by more than {margin:.0%}: the tree's csrc/ stays"]
     commit = json.loads((prepared / best / "version.json").read_text())["commit"]
-    # Copied next to it first, so that a failed copy leaves `into` as it was.
-    staged = into.with_name(into.name + ".adopting")
-    shutil.rmtree(staged, ignore_errors=True)
+    # `adopt` is the explicit request to replace `into` (the tree's csrc/, which git holds).
+    # Copied next to it first (a fresh folder), so a failed copy leaves `into` as it was.
+    staged = Path(tempfile.mkdtemp(prefix=f".{into.name}.adopting.", dir=into.parent)) / into.name
     shutil.copytree(prepared / best / "csrc", staged)
     shutil.rmtree(into)
     staged.rename(into)
+    staged.parent.rmdir()
     return lines + [f"adopted {best} ({times[best] / times[base]:.3f} of {base}'s time): {commit}"]
 
 

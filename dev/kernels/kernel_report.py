@@ -27,7 +27,6 @@ import argparse
 import collections
 import datetime
 import itertools
-import json
 import os
 import re
 import shutil
@@ -37,6 +36,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from carp_fast import ownership
 from carp_fast.profiling import git_commit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -323,8 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuobjdump": cuobjdump,
             "kernels": rows,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2) + "\n")
+        ownership.write_report(args.json, record)
     return 0
 
 
