@@ -30,11 +30,13 @@ $(TEST_STAMP): $(STAMP)
 demo: install
 	$(PYTHON) tools/run_demo.py
 
+# One pytest worker per core; worksteal keeps both busy while a slow build or subprocess test
+# holds one of them.
 test: install-test
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 test-fast: install-test
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 clean:
 	rm -rf build .make carp_fast/_C*.so *.egg-info

@@ -112,6 +112,8 @@ setup(
         # brings opencv-python itself.
         "test": [
             "pytest>=7",
+            # make test runs the suite on every core (pytest -n auto).
+            "pytest-xdist>=3.2",
             "nvidia-dali-cuda120; platform_system == 'Linux'",
             "ffcv>=1.0; platform_system == 'Linux'",
             "numba>=0.57; platform_system == 'Linux'",

@@ -36,8 +36,10 @@ def _seed_everything():
 
 @pytest.fixture(autouse=True, scope="session")
 def _small_thread_count():
-    # Two cores here and in CI: keep torch from oversubscribing when tests spawn processes.
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Two cores here and in CI: keep torch from oversubscribing when tests spawn processes,
+    # and share the cores among pytest-xdist's workers (make test runs one per core).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // workers))
     yield
 
 

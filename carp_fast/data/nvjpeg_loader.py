@@ -27,7 +27,7 @@ bilinear samples per output pixel, a box filter as wide as the output pixel: a 4
 shrunk to 96 px averages 5×5 samples per pixel where point sampling (``grid_sample``)
 would alias. The published recipe resizes with PIL's antialiased BICUBIC, which is a little
 sharper; on generated photographs the crops are 35.5 dB PSNR from it at worst (median
-40.7 dB over 96 crops at 224 and 96 px, tests/test_nvjpeg_loader.py; the bound is 32 dB).
+40.7 dB over 96 crops at 224 and 96 px, tests/data/test_nvjpeg_loader.py; the bound is 32 dB).
 A grating above the output's Nyquist frequency comes out at about 1/5 of the contrast
 that point sampling leaves (PIL's wider bicubic support removes nearly all of it).
 

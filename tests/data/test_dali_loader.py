@@ -23,7 +23,7 @@ def _has_dali() -> bool:
 
 
 needs_dali = pytest.mark.skipif(not _has_dali(), reason="NVIDIA DALI is not installed")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def dali_config(tiny_config, **extra):

@@ -9,8 +9,8 @@ pytest.importorskip("sklearn")
 from carp_fast.config import ConfigError  # noqa: E402
 from carp_fast.eval import features as feat  # noqa: E402
 from carp_fast.eval import suite  # noqa: E402
-from test_eval_copydetection import write_copydays  # noqa: E402
-from test_eval_retrieval import write_revisited  # noqa: E402
+from test_copydetection import write_copydays  # noqa: E402
+from test_retrieval import write_revisited  # noqa: E402
 from test_knn import save_run_checkpoint  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def test_spec_defaults_and_example_file():
     assert spec.datasets[1].multiscale and spec.compare_random
     from pathlib import Path
 
-    example = Path(__file__).resolve().parent.parent / "docs" / "eval_suite_example.yaml"
+    example = Path(__file__).resolve().parents[2] / "docs" / "eval_suite_example.yaml"
     parsed = suite.load_spec(example)  # the documented example stays valid
     assert {d.kind for d in parsed.datasets} == {"imagefolder", "revisited", "copydays"}
 

@@ -9,7 +9,7 @@ import pytest
 
 from carp_fast.data.folder import list_image_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_tool():

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import load_tool, tiny_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
