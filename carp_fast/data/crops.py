@@ -30,11 +30,21 @@ def sample_crop(
             top = int(rng.integers(0, height - crop_h + 1))
             left = int(rng.integers(0, width - crop_w + 1))
             return top, left, crop_h, crop_w
+    return centre_crop(height, width, ratio[0], ratio[1])
+
+
+def centre_crop(height: int, width: int, ratio_lo: float, ratio_hi: float) -> tuple[int, int, int, int]:
+    """torchvision's fallback after ten misses: the whole image cut to the nearest
+    admissible aspect ratio, centred, as ``(top, left, crop_height, crop_width)``.
+
+    Plain Python that numba also compiles (the FFCV backend's draws call it from their
+    compiled code), so every backend's fallback is this one function.
+    """
     in_ratio = width / height
-    if in_ratio < ratio[0]:
-        crop_w, crop_h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        crop_h, crop_w = height, int(round(height * ratio[1]))
+    if in_ratio < ratio_lo:
+        crop_w, crop_h = width, int(round(width / ratio_lo))
+    elif in_ratio > ratio_hi:
+        crop_h, crop_w = height, int(round(height * ratio_hi))
     else:
         crop_w, crop_h = width, height
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w

@@ -66,7 +66,7 @@ from carp_fast.config import Config
 from carp_fast.data.batch import MultiCropBatch
 from carp_fast.data.crops import sample_crop
 from carp_fast.data.recipe import FLIP_P, view_specs
-from carp_fast.data.sampling import EpochShardSampler, sample_rng
+from carp_fast.data.sampling import EpochShardSampler, ShardedLoader, sample_rng
 from carp_fast.data.sources import image_size, open_source, read_readable
 from carp_fast.data.sources import pil_decode_error as _pil_decode_error
 
@@ -160,7 +160,7 @@ class _HostStage:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-class DALILoader:
+class DALILoader(ShardedLoader):
     """The producer stage with DALI: uint8 multi-crop batches on ``device``.
 
     Yields :class:`MultiCropBatch` of uint8 ``[V·B, 3, H, W]`` channels-last views (not
@@ -195,16 +195,6 @@ class DALILoader:
         self._bad_lock = threading.Lock()
 
     # -- the loader contract ------------------------------------------------------------
-    @property
-    def num_images(self) -> int:
-        return len(self.source)
-
-    def __len__(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch)
-
     def epoch_order(self) -> np.ndarray:
         """This rank's sample indices for the rest of the current epoch, in order."""
         return np.fromiter((index for index, _ in self.sampler), dtype=np.int64)

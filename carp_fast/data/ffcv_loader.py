@@ -35,6 +35,7 @@ import torch
 
 from carp_fast.config import Config
 from carp_fast.data.batch import MultiCropBatch
+from carp_fast.data.crops import centre_crop
 from carp_fast.data.folder import DataPathError
 from carp_fast.data.recipe import FLIP_P, view_specs
 from carp_fast.data.sampling import EpochShardSampler
@@ -68,6 +69,8 @@ finally:
     torch.set_num_threads(_torch_threads)
 
 log = logging.getLogger(__name__)
+
+_centre_crop = njit(nogil=True, cache=True)(centre_crop)
 
 _JPEG_MODE = IMAGE_MODES["jpg"]
 
@@ -137,15 +140,8 @@ def sample_crop_box(height, width, scale_lo, scale_hi, log_ratio_lo, log_ratio_h
             u, state = _uniform(state)
             left = int(u * (width - crop_w + 1))
             return top, left, crop_h, crop_w, state
-    in_ratio = width / height
-    ratio_lo, ratio_hi = math.exp(log_ratio_lo), math.exp(log_ratio_hi)
-    if in_ratio < ratio_lo:
-        crop_w, crop_h = width, int(round(width / ratio_lo))
-    elif in_ratio > ratio_hi:
-        crop_h, crop_w = height, int(round(height * ratio_hi))
-    else:
-        crop_w, crop_h = width, height
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, state
+    top, left, crop_h, crop_w = _centre_crop(height, width, math.exp(log_ratio_lo), math.exp(log_ratio_hi))
+    return top, left, crop_h, crop_w, state
 
 
 # ---------------------------------------------------------------------------------------

@@ -69,9 +69,10 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from carp_fast.config import Config
 from carp_fast.data.batch import MultiCropBatch
+from carp_fast.data.crops import centre_crop
 from carp_fast.data.recipe import FLIP_P
 from carp_fast.data.sources import image_size, jpeg_info, open_source, read_readable
-from carp_fast.data.sampling import EpochShardSampler
+from carp_fast.data.sampling import EpochShardSampler, ShardedLoader
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,7 @@ def draw_boxes(heights: np.ndarray, widths: np.ndarray, scale, log_ratio, state:
         pending = pending[~fits]
     ratio_lo, ratio_hi = math.exp(log_ratio[0]), math.exp(log_ratio[1])
     for i in pending.tolist():  # rare: ten misses
-        height, width = int(heights[i]), int(widths[i])
-        in_ratio = width / height
-        if in_ratio < ratio_lo:
-            w, h = width, int(round(width / ratio_lo))
-        elif in_ratio > ratio_hi:
-            h, w = height, int(round(height * ratio_hi))
-        else:
-            w, h = width, height
-        top[i], left[i], crop_h[i], crop_w[i] = (height - h) // 2, (width - w) // 2, h, w
+        top[i], left[i], crop_h[i], crop_w[i] = centre_crop(int(heights[i]), int(widths[i]), ratio_lo, ratio_hi)
     return top, left, crop_h, crop_w, state
 
 
@@ -481,7 +474,7 @@ class _End:
     """Marks the end of an epoch in the producer's queue."""
 
 
-class NvjpegLoader:
+class NvjpegLoader(ShardedLoader):
     """The producer stage decoding on ``device``: uint8 multi-crop batches there.
 
     Yields :class:`MultiCropBatch` of uint8 ``[V·B, 3, H, W]`` channels-last views (not
@@ -519,16 +512,6 @@ class NvjpegLoader:
         self._running: tuple[threading.Event, threading.Thread] | None = None  # the open pass
 
     # -- the loader contract ------------------------------------------------------------
-    @property
-    def num_images(self) -> int:
-        return len(self.source)
-
-    def __len__(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch)
-
     @property
     def bad_paths(self) -> set[str]:
         """Samples found unreadable so far (paths, or ``shard.tar:member``), skipped."""

@@ -54,3 +54,20 @@ class EpochShardSampler(Sampler):
         shard = order[self.rank :: self.world][: self.batches_per_epoch * self.batch_size]
         for index in shard[self.start_batch * self.batch_size :].tolist():
             yield (index, self.epoch)
+
+
+class ShardedLoader:
+    """The loader contract's bookkeeping for a backend that reads through ``self.sampler``
+    (an :class:`EpochShardSampler`): images in the data set, batches per epoch, the epoch."""
+
+    sampler: EpochShardSampler
+
+    @property
+    def num_images(self) -> int:
+        return self.sampler.num_samples
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)

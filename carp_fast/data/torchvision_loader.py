@@ -21,7 +21,7 @@ from carp_fast.data import recipe
 from carp_fast.data.batch import MultiCropBatch
 from carp_fast.data.crops import sample_crop
 from carp_fast.data.folder import list_image_folder
-from carp_fast.data.sampling import EpochShardSampler, sample_rng
+from carp_fast.data.sampling import EpochShardSampler, ShardedLoader, sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def collate_views(global_number: int):
     return collate
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(ShardedLoader):
     """DataLoader over :class:`MultiCropFolder` with workers, pinning and sharding."""
 
     def __init__(self, cfg: Config, rank: int, world: int, pin_memory: bool, augment: bool = True):
@@ -155,16 +155,6 @@ class TorchvisionLoader:
             persistent_workers=cfg.data.persistent_workers and workers > 0,
             prefetch_factor=cfg.data.prefetch_factor if workers > 0 else None,
         )
-
-    @property
-    def num_images(self) -> int:
-        return len(self.dataset)
-
-    def __len__(self) -> int:
-        return self.sampler.batches_per_epoch
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self):
         return iter(self.loader)

@@ -259,16 +259,24 @@ def _break_huffman_table(data: bytes) -> bytes:
     return data[: at + 4] + b"\xff" * 17 + data[at + 21 :]
 
 
+def break_files(root: Path) -> list[Path]:
+    """Four of root/disc's JPEGs broken as real data breaks (not an image, truncated in its
+    headers, truncated in its scan data, a bad Huffman table that only a decoder notices)
+    and a text file named .png beside them; returns the four."""
+    victims = sorted((root / "disc").glob("*.jpg"))
+    victims[0].write_bytes(b"not a jpeg at all")
+    victims[1].write_bytes(victims[1].read_bytes()[:100])
+    victims[2].write_bytes(victims[2].read_bytes()[:-300])
+    victims[3].write_bytes(_break_huffman_table(victims[3].read_bytes()))
+    (root / "disc" / "notes.png").write_text("text pretending to be an image")
+    return victims[:4]
+
+
 @needs_dali
 def test_unreadable_images_are_reported_and_skipped(tiny_dataset, tiny_config, tmp_path, caplog):
     root = tmp_path / "broken"
     shutil.copytree(tiny_dataset / "train", root)
-    victims = sorted((root / "disc").glob("*.jpg"))
-    victims[0].write_bytes(b"not a jpeg at all")
-    victims[1].write_bytes(victims[1].read_bytes()[:100])  # truncated in its headers
-    victims[2].write_bytes(victims[2].read_bytes()[:-300])  # truncated in its scan data
-    victims[3].write_bytes(_break_huffman_table(victims[3].read_bytes()))
-    (root / "disc" / "notes.png").write_text("text pretending to be an image")
+    victims = break_files(root)
     # 25 files in batches of 5: every one of them is read this epoch.
     loader = build_loader(dali_config(tiny_config, data__path=str(root), data__batch_size=5), "cpu")
     with caplog.at_level("WARNING"):
@@ -298,12 +306,12 @@ def test_a_decoder_failure_pil_cannot_explain_names_the_files(
         list(loader)
 
 
-@needs_dali
-def test_a_folder_without_a_readable_image_says_so(tiny_config, tmp_path):
+@pytest.mark.parametrize("backend", [pytest.param("dali", marks=needs_dali), "nvjpeg"])
+def test_a_folder_without_a_readable_image_says_so(tiny_config, tmp_path, backend):
     (tmp_path / "junk" / "cls").mkdir(parents=True)
     for i in range(4):
         (tmp_path / "junk" / "cls" / f"{i}.jpg").write_bytes(b"not an image")
-    loader = build_loader(dali_config(tiny_config, data__path=str(tmp_path / "junk")), "cpu")
+    loader = build_loader(tiny_config(data__backend=backend, data__path=str(tmp_path / "junk")), "cpu")
     with pytest.raises(RuntimeError, match=r"no readable image in data.path \(4 tried\)"):
         next(iter(loader))
 

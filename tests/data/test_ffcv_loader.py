@@ -49,16 +49,9 @@ def ffcv_config(tiny_config, path, **extra):
     return tiny_config(data__backend="ffcv", data__path=str(path), **extra)
 
 
-@needs_ffcv
-def test_producer_yields_uint8_view_major_channels_last(tiny_config, tiny_beton):
-    cfg = ffcv_config(tiny_config, tiny_beton, data__batch_size=6)
-    threads = torch.get_num_threads()
-    loader = build_loader(cfg, "cpu", device_augment=False)
-    assert loader.num_images == 24 and len(loader) == 4
-    batches = list(loader)
-    assert torch.get_num_threads() == threads  # FFCV would leave the trainer one thread
-    assert len(batches) == 4
-    batch = batches[0]
+def assert_producer_batch(batch) -> None:
+    """The producer's contract on the tiny recipe at batch 6: uint8 views 2x32 + 2x16,
+    channels-last, view-major (rows k and B + k are two crops of one image)."""
     assert isinstance(batch, MultiCropBatch)
     assert batch.global_views.shape == (2 * 6, 3, 32, 32) and batch.global_views.dtype == torch.uint8
     assert batch.local_views.shape == (2 * 6, 3, 16, 16) and batch.local_views.dtype == torch.uint8
@@ -71,6 +64,29 @@ def test_producer_yields_uint8_view_major_channels_last(tiny_config, tiny_beton)
     same = (first.mean((1, 2, 3)) - second.mean((1, 2, 3))).abs()
     other = (first.mean((1, 2, 3)) - second.roll(1, 0).mean((1, 2, 3))).abs()
     assert same.mean() < other.mean()
+
+
+def assert_normalised_views(batch) -> None:
+    """The full loader's contract: float32 views normalised by the ImageNet statistics."""
+    low = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    high = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+    for views, size in ((batch.global_views, 32), (batch.local_views, 16)):
+        assert views.dtype == torch.float32 and views.shape[1:] == (3, size, size)
+        assert views.is_contiguous(memory_format=torch.channels_last)
+        assert views.min() >= low - 1e-4 and views.max() <= high + 1e-4
+    assert batch.global_views.std() > 0.1
+
+
+@needs_ffcv
+def test_producer_yields_uint8_view_major_channels_last(tiny_config, tiny_beton):
+    cfg = ffcv_config(tiny_config, tiny_beton, data__batch_size=6)
+    threads = torch.get_num_threads()
+    loader = build_loader(cfg, "cpu", device_augment=False)
+    assert loader.num_images == 24 and len(loader) == 4
+    batches = list(loader)
+    assert torch.get_num_threads() == threads  # FFCV would leave the trainer one thread
+    assert len(batches) == 4
+    assert_producer_batch(batches[0])
     # Batches are the caller's: reading the epoch again gives the same, unaltered, data.
     again = list(loader)
     for a, c in zip(batches, again):
@@ -81,13 +97,7 @@ def test_producer_yields_uint8_view_major_channels_last(tiny_config, tiny_beton)
 def test_full_loader_is_normalised_float_channels_last(tiny_config, tiny_beton):
     cfg = ffcv_config(tiny_config, tiny_beton)
     batch = next(iter(build_loader(cfg, "cpu")))
-    low = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    high = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    for views, size in ((batch.global_views, 32), (batch.local_views, 16)):
-        assert views.dtype == torch.float32 and views.shape[1:] == (3, size, size)
-        assert views.is_contiguous(memory_format=torch.channels_last)
-        assert views.min() >= low - 1e-4 and views.max() <= high + 1e-4
-    assert batch.global_views.std() > 0.1
+    assert_normalised_views(batch)
 
 
 def epoch_labels(loader):
@@ -205,6 +215,29 @@ def read_boxes(views: torch.Tensor):
     return (dx.abs() * size).numpy(), (dy * size).numpy(), (dx < 0).numpy()
 
 
+def assert_crop_statistics(found: dict, scales: dict, ratio, num_flips: int) -> None:
+    """Boxes read back from ramp images (``found[kind]``: (widths, heights, flipped) per
+    batch) follow torchvision's RandomResizedCrop draws, and half the views are flipped."""
+    flips = []
+    for kind, scale in scales.items():
+        widths, heights, flipped = (np.concatenate(parts) for parts in zip(*found[kind]))
+        flips.append(flipped)
+        area = widths * heights / (RAMP_WIDTH * RAMP_HEIGHT)
+        log_ratio = np.log(widths / heights)
+        # Within the configured ranges, up to the integer rounding of box sides (which
+        # torchvision does too) and the error of reading a box back from 8-bit pixels.
+        assert area.min() > scale[0] * 0.95 and area.max() < scale[1] * 1.05, kind
+        assert log_ratio.min() > math.log(ratio[0]) - 0.05 and log_ratio.max() < math.log(ratio[1]) + 0.05
+        ref_area, ref_log_ratio = torchvision_boxes(scale, ratio, 4000)
+        # Two-sample Kolmogorov-Smirnov distances, well under the 0.1 % critical values.
+        critical = 1.95 * math.sqrt(1 / len(area) + 1 / len(ref_area))
+        assert ks_distance(area, ref_area) < critical, kind
+        assert ks_distance(log_ratio, ref_log_ratio) < critical, kind
+    flips = np.concatenate(flips)
+    assert len(flips) == num_flips
+    assert abs(flips.mean() - 0.5) < 4 * math.sqrt(0.25 / len(flips))
+
+
 def ks_distance(a, b):
     grid = np.sort(np.concatenate([a, b]))
     cdf_a = np.searchsorted(np.sort(a), grid, side="right") / len(a)
@@ -287,24 +320,7 @@ def test_crop_statistics_match_torchvision_random_resized_crop(tiny_config, ramp
         for batch in loader:
             found["global"].append(read_boxes(batch.global_views))
             found["local"].append(read_boxes(batch.local_views))
-    flips = []
-    for kind, scale in scales.items():
-        widths, heights, flipped = (np.concatenate(parts) for parts in zip(*found[kind]))
-        flips.append(flipped)
-        area = widths * heights / (RAMP_WIDTH * RAMP_HEIGHT)
-        log_ratio = np.log(widths / heights)
-        # Within the configured ranges, up to the integer rounding of box sides (which
-        # torchvision does too) and the error of reading a box back from 8-bit pixels.
-        assert area.min() > scale[0] * 0.95 and area.max() < scale[1] * 1.05, kind
-        assert log_ratio.min() > math.log(ratio[0]) - 0.05 and log_ratio.max() < math.log(ratio[1]) + 0.05
-        ref_area, ref_log_ratio = torchvision_boxes(scale, ratio, 4000)
-        # Two-sample Kolmogorov-Smirnov distances, well under the 0.1 % critical values.
-        critical = 1.95 * math.sqrt(1 / len(area) + 1 / len(ref_area))
-        assert ks_distance(area, ref_area) < critical, kind
-        assert ks_distance(log_ratio, ref_log_ratio) < critical, kind
-    flips = np.concatenate(flips)
-    assert len(flips) == 48 * 4 * 6
-    assert abs(flips.mean() - 0.5) < 4 * math.sqrt(0.25 / len(flips))
+    assert_crop_statistics(found, scales, ratio, num_flips=48 * 4 * 6)
 
 
 @needs_ffcv

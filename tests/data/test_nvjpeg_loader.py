@@ -18,12 +18,12 @@ from PIL import Image
 
 from conftest import load_tool, needs_ffcv
 from carp_fast.config import ConfigError
-from carp_fast.data import DataPathError, MultiCropBatch, build_loader
+from carp_fast.data import DataPathError, build_loader
 from carp_fast.data import nvjpeg_loader as nv
-from carp_fast.data.recipe import IMAGENET_MEAN, IMAGENET_STD
 from carp_fast.data.sampling import EpochShardSampler
-from test_dali_loader import _break_huffman_table, make_shards
-from test_ffcv_loader import RAMP_HEIGHT, RAMP_WIDTH, ks_distance, read_boxes, torchvision_boxes
+from test_dali_loader import break_files, make_shards
+from test_ffcv_loader import (RAMP_HEIGHT, RAMP_WIDTH, assert_crop_statistics, assert_normalised_views,
+                              assert_producer_batch, read_boxes)
 
 
 def _has_torchcodec() -> bool:
@@ -105,19 +105,7 @@ def test_producer_yields_uint8_view_major_channels_last(tiny_config, decoder):
     assert loader.num_images == 24 and len(loader) == 4
     batches = list(loader)
     assert len(batches) == 4
-    batch = batches[0]
-    assert isinstance(batch, MultiCropBatch)
-    assert batch.global_views.shape == (2 * 6, 3, 32, 32) and batch.global_views.dtype == torch.uint8
-    assert batch.local_views.shape == (2 * 6, 3, 16, 16) and batch.local_views.dtype == torch.uint8
-    assert batch.global_views.is_contiguous(memory_format=torch.channels_last)
-    assert batch.local_views.is_contiguous(memory_format=torch.channels_last)
-    assert batch.labels.dtype == torch.int64 and batch.labels.shape == (6,)
-    # View-major: rows k and B + k are two crops of the same image.
-    b = batch.batch_size
-    first, second = batch.global_views[:b].float(), batch.global_views[b:].float()
-    same = (first.mean((1, 2, 3)) - second.mean((1, 2, 3))).abs()
-    other = (first.mean((1, 2, 3)) - second.roll(1, 0).mean((1, 2, 3))).abs()
-    assert same.mean() < other.mean()
+    assert_producer_batch(batches[0])
     # Batches are the caller's: the next epoch's pass does not alter them.
     kept = [v.global_views.clone() for v in batches]
     list(loader)
@@ -126,13 +114,7 @@ def test_producer_yields_uint8_view_major_channels_last(tiny_config, decoder):
 
 def test_full_loader_is_normalised_float_channels_last(tiny_config):
     batch = next(iter(build_loader(nvjpeg_config(tiny_config), "cpu")))
-    low = min((0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    high = max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-    for views, size in ((batch.global_views, 32), (batch.local_views, 16)):
-        assert views.dtype == torch.float32 and views.shape[1:] == (3, size, size)
-        assert views.is_contiguous(memory_format=torch.channels_last)
-        assert views.min() >= low - 1e-4 and views.max() <= high + 1e-4
-    assert batch.global_views.std() > 0.1
+    assert_normalised_views(batch)
 
 
 def test_crops_are_within_32_db_of_pil_bicubic(photos, tiny_config):
@@ -292,21 +274,7 @@ def test_crop_statistics_match_torchvision_random_resized_crop(tiny_config, ramp
             boxes, _ = nv.draw_views(cfg.train.seed, epoch, indices, [RAMP_HEIGHT] * 16,
                                      [RAMP_WIDTH] * 16, loader.backend.scales, ratio)
             drawn.append(boxes)
-    flips = []
-    for kind, scale in scales.items():
-        widths, heights, flipped = (np.concatenate(parts) for parts in zip(*found[kind]))
-        flips.append(flipped)
-        area = widths * heights / (RAMP_WIDTH * RAMP_HEIGHT)
-        log_ratio = np.log(widths / heights)
-        assert area.min() > scale[0] * 0.95 and area.max() < scale[1] * 1.05, kind
-        assert log_ratio.min() > math.log(ratio[0]) - 0.05 and log_ratio.max() < math.log(ratio[1]) + 0.05
-        ref_area, ref_log_ratio = torchvision_boxes(scale, ratio, 4000)
-        critical = 1.95 * math.sqrt(1 / len(area) + 1 / len(ref_area))
-        assert ks_distance(area, ref_area) < critical, kind
-        assert ks_distance(log_ratio, ref_log_ratio) < critical, kind
-    flips = np.concatenate(flips)
-    assert len(flips) == 48 * 4 * 6
-    assert abs(flips.mean() - 0.5) < 4 * math.sqrt(0.25 / len(flips))
+    assert_crop_statistics(found, scales, ratio, num_flips=48 * 4 * 6)
     # The pixels say the drawn boxes: roi_align's geometry is PIL's.
     drawn = np.concatenate([d[:2].reshape(-1, 4) for d in drawn])
     widths = np.concatenate([w for w, _, _ in found["global"]])
@@ -415,12 +383,7 @@ def test_a_failing_batched_call_falls_back_per_image_then_to_the_cpu(tiny_config
 def test_unreadable_files_are_reported_by_path_and_skipped(tiny_dataset, tiny_config, tmp_path, caplog):
     root = tmp_path / "broken"
     shutil.copytree(tiny_dataset / "train", root)
-    victims = sorted((root / "disc").glob("*.jpg"))
-    victims[0].write_bytes(b"not a jpeg at all")
-    victims[1].write_bytes(victims[1].read_bytes()[:100])  # truncated in its headers
-    victims[2].write_bytes(victims[2].read_bytes()[:-300])  # truncated in its scan data
-    victims[3].write_bytes(_break_huffman_table(victims[3].read_bytes()))  # only a decoder sees it
-    (root / "disc" / "notes.png").write_text("text pretending to be an image")
+    victims = break_files(root)
     rgb = (np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)
     (root / "ring" / "cmyk.jpg").write_bytes(encode(np.dstack([rgb, rgb[..., :1]]), "CMYK", quality=90))
     (root / "ring" / "png_named.jpg").write_bytes(encode(rgb, format="PNG"))
@@ -441,15 +404,6 @@ def test_unreadable_files_are_reported_by_path_and_skipped(tiny_dataset, tiny_co
     text = " ".join(reported)
     assert "truncated JPEG" in text and "not a JPEG" in text and "5 skipped so far" in text
     assert "no decoder reads it" in text
-
-
-def test_a_folder_without_a_readable_image_says_so(tiny_config, tmp_path):
-    (tmp_path / "junk" / "cls").mkdir(parents=True)
-    for i in range(4):
-        (tmp_path / "junk" / "cls" / f"{i}.jpg").write_bytes(b"not an image")
-    loader = build_loader(nvjpeg_config(tiny_config, data__path=str(tmp_path / "junk")), "cpu")
-    with pytest.raises(RuntimeError, match=r"no readable image in data.path \(4 tried\)"):
-        next(iter(loader))
 
 
 def test_an_abandoned_epoch_stops_its_producer(tiny_config):
