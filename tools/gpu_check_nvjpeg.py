@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_loaders import dataset_stats, make_photos  # noqa: E402
 from profile_throughput import _Repeat, carp_fast_steps, time_loader  # noqa: E402
 
+from carp_fast import ownership  # noqa: E402
 from carp_fast import profiling  # noqa: E402
 from carp_fast.config import load_config  # noqa: E402
 from carp_fast.data import build_loader  # noqa: E402
@@ -242,8 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     report["verdict"] = verdict(report)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     print("verdict:", report["verdict"]["text"], flush=True)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    ownership.write_report(args.json, report, indent=1, default=str)  # replaces only its own reports
     print(f"wrote {args.json}")
     return 0 if not report["errors"] else 1
 
