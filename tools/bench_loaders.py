@@ -298,6 +298,8 @@ def profile_split(samples: BetonSamples, views, batch_size: int, reps: int) -> d
 def ffcv_loader(module, path: Path, args, workers: int):
     cfg = config("ffcv", path, args)
     cfg.data.num_workers = workers
+    # Revisions before the nested config (data.ffcv.*) read the flat data.ffcv_* names.
+    cfg.data.__dict__.update(ffcv_os_cache=cfg.data.ffcv.os_cache, ffcv_order=cfg.data.ffcv.order)
     return module.FFCVLoader(cfg, 0, 1, torch.device("cpu"), copy=True)
 
 
