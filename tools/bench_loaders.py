@@ -158,14 +158,6 @@ def config(backend: str, path: Path, args):
     ])
 
 
-
-
-
-
-
-
-
-
 def producer_module(revision: str | None):
     """carp_fast.data.ffcv_loader of this tree, or as it was at git ``revision``."""
     if revision is None:
