@@ -377,3 +377,59 @@ def test_a_missing_ffcv_is_explained(tiny_config, tmp_path, monkeypatch):
     (tmp_path / "src" / "a").mkdir(parents=True)
     assert converter.main([str(tmp_path / "src"), str(tmp_path / "out.beton")]) == 1
     assert not (tmp_path / "out.beton").exists()
+
+
+@needs_ffcv
+def test_per_thread_scratch_gives_the_bytes_of_fresh_buffers():
+    """cut_batch through its threads' reused scratch slots = with fresh buffers per image.
+
+    Images of varying sizes, JPEG and raw, follow each other through the same slots, and
+    the scratch starts as junk (not zeroed pages): nothing of an earlier image or of the
+    junk may reach a crop.
+    """
+    import io
+
+    import numba
+    from ffcv.fields.rgb_image import IMAGE_MODES
+
+    from carp_fast.data import ffcv_loader as producer
+
+    rng = np.random.default_rng(5)
+    photograph = load_tool("bench_loaders").photograph
+    # Enough work per image that both threads run at once (a shared slot would show).
+    images = [photograph(rng, int(rng.integers(120, 240)), int(rng.integers(120, 240))) for _ in range(40)]
+    blobs, modes = [], []
+    for k, image in enumerate(images):
+        if k % 3 == 2:  # raw samples: pixels as stored
+            blobs.append(np.ascontiguousarray(image).reshape(-1))
+            modes.append(IMAGE_MODES["raw"])
+        else:
+            encoded = io.BytesIO()
+            Image.fromarray(image).save(encoded, format="JPEG", quality=90)
+            blobs.append(np.frombuffer(encoded.getvalue(), np.uint8).copy())
+            modes.append(IMAGE_MODES["jpg"])
+    addresses = np.array([blob.ctypes.data for blob in blobs], np.int64)
+    nbytes = np.array([blob.size for blob in blobs], np.int64)
+    heights = np.array([image.shape[0] for image in images], np.int64)
+    widths = np.array([image.shape[1] for image in images], np.int64)
+    sizes = np.array([64, 64, 24, 24, 24], np.int64)
+    scales = np.array([[0.2, 1.0]] * 2 + [[0.05, 0.2]] * 3)
+    log_ratio = np.log(np.array([3 / 4, 4 / 3]))
+    image_bytes, slot_bytes = producer.scratch_layout(sizes, int(heights.max()), int(widths.max()))
+    batches = {}
+    threads = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)  # importing FFCV set it to 1
+    try:
+        for slots in (0, numba.config.NUMBA_NUM_THREADS):
+            scratch = np.full(max(slots, 1) * slot_bytes + 64, 0xAB, np.uint8)
+            destination = np.zeros(int((sizes * sizes * 3).sum()) * len(images), np.uint8)
+            producer.cut_batch(addresses, nbytes, np.array(modes, np.int64), heights, widths,
+                               np.arange(len(images), dtype=np.int64), destination.ctypes.data,
+                               np.uint64(7), np.uint64(2), sizes, scales, log_ratio, 0.5,
+                               -(-scratch.ctypes.data // 64) * 64, slot_bytes, image_bytes, slots)
+            batches[slots] = destination
+    finally:
+        numba.set_num_threads(threads)
+    fresh, reused = batches.values()
+    assert fresh.any()
+    np.testing.assert_array_equal(reused, fresh)
