@@ -505,6 +505,7 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         self.epoch_cell = np.zeros(1, dtype=np.int64)
         self.view_bytes = self.sizes * self.sizes * 3
         self.scratch = None  # per-thread decode and resampling buffers (generate_code)
+        self.threads = 1  # FFCV's worker threads: the loader sets it before FFCV compiles
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch_cell[0] = epoch
@@ -521,11 +522,12 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         sizes, scales, log_ratio = self.sizes, self.scales, self.log_ratio
         seed, flip_p = np.uint64(self.seed), self.flip_p
         epoch_address = self.epoch_cell.ctypes.data
-        # One slot per thread numba's pool can run, for the largest image of the file;
-        # untouched pages cost no memory, so a few huge images only reserve address space.
+        # One slot per worker thread (FFCV runs numba's pool with that many; a thread
+        # beyond them would allocate), sized for the largest image of the file: pages a
+        # thread never touches cost no memory, so a few huge images only reserve space.
         # FFCV may generate the code more than once and keep an earlier version, so the
         # buffer outlives every version: allocated once, grown never (same file, same sizes).
-        slots = int(numba.config.NUMBA_NUM_THREADS)
+        slots = int(self.threads)
         image_bytes, slot_bytes = scratch_layout(
             self.sizes, int(self.metadata["height"].max()), int(self.metadata["width"].max())
         )
@@ -673,6 +675,7 @@ class FFCVLoader:
                 workers, numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS,
             )
             workers = numba.config.NUMBA_NUM_THREADS
+        self.decoder.threads = workers
         # FFCV sets torch's thread count to its worker count on the way; the training
         # process keeps its own.
         torch_threads = torch.get_num_threads()
