@@ -425,17 +425,27 @@ def scratch_rows_floats(sizes, width):
 _SCRATCH_ALIGN = 64  # bytes: each thread's slot, and the floats within it, start on a cache line
 
 
+def _aligned(n: int) -> int:
+    return -(-int(n) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+
+
 def scratch_layout(sizes: np.ndarray, max_height: int, max_width: int) -> tuple[int, int]:
     """``(image_bytes, slot_bytes)`` of one thread's scratch for images up to that size.
 
     A slot holds a decoded image (``image_bytes``, rounded up to a cache line), then the
     float intermediate of the largest view.
     """
-    def aligned(n):
-        return -(-int(n) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    image_bytes = _aligned(max_height * max_width * 3)
+    return image_bytes, image_bytes + _aligned(4 * scratch_rows_floats(sizes, max_width))
 
-    image_bytes = aligned(max_height * max_width * 3)
-    return image_bytes, image_bytes + aligned(4 * scratch_rows_floats(sizes, max_width))
+
+def scratch_buffer(slots: int, slot_bytes: int) -> tuple[np.ndarray, int]:
+    """``(buffer, address)``: ``slots`` slots of ``slot_bytes`` from a cache-line address.
+
+    The caller keeps ``buffer`` alive as long as compiled code may use ``address``.
+    """
+    buffer = np.empty(slots * slot_bytes + _SCRATCH_ALIGN, np.uint8)
+    return buffer, _aligned(buffer.ctypes.data)
 
 
 @njit(nogil=True, parallel=True)
@@ -504,7 +514,7 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         self.flip_p = float(flip_p)
         self.epoch_cell = np.zeros(1, dtype=np.int64)
         self.view_bytes = self.sizes * self.sizes * 3
-        self.scratch = None  # per-thread decode and resampling buffers (generate_code)
+        self.scratch = None  # (buffer, address) of the per-thread slots (generate_code)
         self.threads = 1  # FFCV's worker threads: the loader sets it before FFCV compiles
 
     def set_epoch(self, epoch: int) -> None:
@@ -532,10 +542,10 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
             self.sizes, int(self.metadata["height"].max()), int(self.metadata["width"].max())
         )
         if self.scratch is None:
-            self.scratch = np.empty(slots * slot_bytes + _SCRATCH_ALIGN, np.uint8)
-        if self.scratch.size < slots * slot_bytes + _SCRATCH_ALIGN:
+            self.scratch = scratch_buffer(slots, slot_bytes)
+        buffer, scratch = self.scratch
+        if buffer.size < slots * slot_bytes + _SCRATCH_ALIGN:
             raise RuntimeError("MultiCropDecoder reused for a file with larger images; build a new one")
-        scratch = -(-self.scratch.ctypes.data // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
 
         def decode(batch_indices, destination, metadata, storage_state):
             count = len(batch_indices)

@@ -421,12 +421,13 @@ def test_per_thread_scratch_gives_the_bytes_of_fresh_buffers():
     numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)  # importing FFCV set it to 1
     try:
         for slots in (0, numba.config.NUMBA_NUM_THREADS):
-            scratch = np.full(max(slots, 1) * slot_bytes + 64, 0xAB, np.uint8)
+            buffer, scratch = producer.scratch_buffer(max(slots, 1), slot_bytes)
+            buffer[:] = 0xAB
             destination = np.zeros(int((sizes * sizes * 3).sum()) * len(images), np.uint8)
             producer.cut_batch(addresses, nbytes, np.array(modes, np.int64), heights, widths,
                                np.arange(len(images), dtype=np.int64), destination.ctypes.data,
                                np.uint64(7), np.uint64(2), sizes, scales, log_ratio, 0.5,
-                               -(-scratch.ctypes.data // 64) * 64, slot_bytes, image_bytes, slots)
+                               scratch, slot_bytes, image_bytes, slots)
             batches[slots] = destination
     finally:
         numba.set_num_threads(threads)
