@@ -243,24 +243,13 @@ def _kernels(module):
                 out[i, v, 0], out[i, v, 1], out[i, v, 2], out[i, v, 3] = top, left, crop_h, crop_w
                 out[i, v, 4] = u < 0.5
 
-    if hasattr(module, "scratch_layout"):
-        # The producer resamples through one reused buffer per thread (cut_batch's scratch).
-        @numba.njit(nogil=True)
-        def cut_all(targets, heights, widths, sizes, scales, log_ratio, destination, starts, view_bytes, batch):
-            rows = np.empty(module.scratch_rows_floats(sizes, widths.max()), np.float32)
-            for i in range(targets.shape[0]):
-                image = numba.carray(pointer(targets[i]), (heights[i], widths[i], 3), np.uint8)
-                state = module.sample_stream(np.uint64(0), np.uint64(1), np.uint64(i))
-                module.cut_views(image, state, sizes, scales, log_ratio, 0.5, destination,
-                                 starts + (i % batch) * view_bytes, rows.ctypes.data)
-    else:
-        @numba.njit(nogil=True)
-        def cut_all(targets, heights, widths, sizes, scales, log_ratio, destination, starts, view_bytes, batch):
-            for i in range(targets.shape[0]):
-                image = numba.carray(pointer(targets[i]), (heights[i], widths[i], 3), np.uint8)
-                state = module.sample_stream(np.uint64(0), np.uint64(1), np.uint64(i))
-                module.cut_views(image, state, sizes, scales, log_ratio, 0.5, destination,
-                                 starts + (i % batch) * view_bytes)
+    @numba.njit(nogil=True)
+    def cut_all(targets, heights, widths, sizes, scales, log_ratio, destination, starts, view_bytes, batch):
+        for i in range(targets.shape[0]):
+            image = numba.carray(pointer(targets[i]), (heights[i], widths[i], 3), np.uint8)
+            state = module.sample_stream(np.uint64(0), np.uint64(1), np.uint64(i))
+            module.cut_views(image, state, sizes, scales, log_ratio, 0.5, destination,
+                             starts + (i % batch) * view_bytes)
 
     return decode_all, draw_all, cut_all
 

@@ -85,16 +85,6 @@ def _address_as_pointer(typingctx, address):
     return types.voidptr(address), codegen
 
 
-@intrinsic
-def _address_as_float_pointer(typingctx, address):
-    """An integer address as a float32 pointer (``numba.carray`` takes its dtype from it)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], ir.FloatType().as_pointer())
-
-    return types.CPointer(types.float32)(address), codegen
-
-
 # ---------------------------------------------------------------------------------------
 # Counter-based random numbers (splitmix64): a stream per (seed, epoch, sample), so draws
 # inside parallel loops are reproducible whatever thread runs which sample.
@@ -351,32 +341,11 @@ def _horizontal_pass(rows, first, count, weights, out):
 
 
 @njit(nogil=True, cache=True)
-def rows_floats(size, width):
-    """Floats of the intermediate of a crop ``width`` pixels wide resampled to ``size``.
-
-    One float of slack per row: the horizontal kernel's 4th lane reads past the last pixel.
-    """
-    return size * (width * 3 + 1)
-
-
-@njit(nogil=True, cache=True)
 def resize_crop(image, top, left, crop_h, crop_w, out, flip):
     """Resample the box of the C-contiguous HWC uint8 ``image`` into the square HWC ``out``.
 
     PIL's BICUBIC of the cut-out box (torchvision's ``resized_crop`` on a PIL image),
     mirrored when ``flip``. The intermediate keeps float32 (PIL rounds it to uint8).
-    """
-    rows = np.empty(rows_floats(out.shape[0], crop_w), np.float32)
-    resize_crop_into(image, top, left, crop_h, crop_w, out, flip, rows.ctypes.data)
-
-
-@njit(nogil=True, cache=True)
-def resize_crop_into(image, top, left, crop_h, crop_w, out, flip, rows_address):
-    """:func:`resize_crop` with its float intermediate at ``rows_address``.
-
-    The caller owns ``rows_floats(size, crop_w)`` float32s there. The producer passes a
-    buffer of its thread's, reused for every crop: a fresh megabyte per crop comes from
-    the kernel (above malloc's mmap threshold) as zeroed pages, one fault per 4 KiB.
     """
     size = out.shape[0]
     first_y, count_y = np.empty(size, np.int64), np.empty(size, np.int64)
@@ -385,19 +354,18 @@ def resize_crop_into(image, top, left, crop_h, crop_w, out, flip, rows_address):
     weights_x = np.empty((size, max_taps(crop_w, size)), np.float32)
     bicubic_taps(crop_h, size, False, first_y, count_y, weights_y)
     bicubic_taps(crop_w, size, flip, first_x, count_x, weights_x)
-    rows = numba.carray(_address_as_float_pointer(rows_address), (size, crop_w * 3 + 1), np.float32)
+    # One float of slack per row: the horizontal kernel's 4th lane reads past the last pixel.
+    rows = np.empty((size, crop_w * 3 + 1), np.float32)
     rows[:, crop_w * 3] = 0.0
     _vertical_pass(image, top, left, crop_w, first_y, count_y, weights_y, rows)
     _horizontal_pass(rows, first_x, count_x, weights_x, out)
 
 
 @njit(nogil=True, cache=True)
-def cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets, rows_address=0):
+def cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets):
     """All crops of one decoded HWC image; view v goes to ``destination + offsets[v]``.
 
     Every view draws its box, then its flip, from the sample's stream in view order.
-    ``rows_address``: room for ``scratch_rows_floats(sizes, width)`` float32s, reused
-    for every view (0: each view allocates its own).
     """
     height, width = image.shape[0], image.shape[1]
     for v in range(sizes.shape[0]):
@@ -407,61 +375,17 @@ def cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offse
         u, state = _uniform(state)
         size = sizes[v]
         view = numba.carray(_address_as_pointer(destination + offsets[v]), (size, size, 3), np.uint8)
-        if rows_address == 0:
-            resize_crop(image, top, left, crop_h, crop_w, view, u < flip_p)
-        else:
-            resize_crop_into(image, top, left, crop_h, crop_w, view, u < flip_p, rows_address)
-
-
-@njit(nogil=True, cache=True)
-def scratch_rows_floats(sizes, width):
-    """Float32s the intermediate of any view of an image ``width`` pixels wide needs."""
-    most = 0
-    for v in range(sizes.shape[0]):
-        most = max(most, rows_floats(sizes[v], width))
-    return most
-
-
-_SCRATCH_ALIGN = 64  # bytes: each thread's slot, and the floats within it, start on a cache line
-
-
-def _aligned(n: int) -> int:
-    return -(-int(n) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
-
-
-def scratch_layout(sizes: np.ndarray, max_height: int, max_width: int) -> tuple[int, int]:
-    """``(image_bytes, slot_bytes)`` of one thread's scratch for images up to that size.
-
-    A slot holds a decoded image (``image_bytes``, rounded up to a cache line), then the
-    float intermediate of the largest view.
-    """
-    image_bytes = _aligned(max_height * max_width * 3)
-    return image_bytes, image_bytes + _aligned(4 * scratch_rows_floats(sizes, max_width))
-
-
-def scratch_buffer(slots: int, slot_bytes: int) -> tuple[np.ndarray, int]:
-    """``(buffer, address)``: ``slots`` slots of ``slot_bytes`` from a cache-line address.
-
-    The caller keeps ``buffer`` alive as long as compiled code may use ``address``.
-    """
-    buffer = np.empty(slots * slot_bytes + _SCRATCH_ALIGN, np.uint8)
-    return buffer, _aligned(buffer.ctypes.data)
+        resize_crop(image, top, left, crop_h, crop_w, view, u < flip_p)
 
 
 @njit(nogil=True, parallel=True)
 def cut_batch(addresses, nbytes, modes, heights, widths, indices, destination, seed, epoch,
-              sizes, scales, log_ratio, flip_p, scratch, slot_bytes, image_bytes, slots):
+              sizes, scales, log_ratio, flip_p):
     """Decode each sample once and cut its views, in parallel over the batch.
 
     Sample i's encoded bytes are at ``addresses[i]``; the batch buffer at ``destination``
     receives the views view-major: view v of sample i starts at
     (bytes of views before v) · count + i · bytes(v).
-
-    Each of the pool's ``slots`` threads decodes into, and resamples through, its own
-    slot of the ``scratch`` buffer (see :func:`scratch_layout`), which the decoder keeps
-    across batches: allocated afresh per image, these half-megabyte buffers cost a page
-    fault per 4 KiB (a tenth of a millisecond per image). A thread whose id is not below
-    ``slots`` (none in numba's pools) allocates instead.
     """
     count = addresses.shape[0]
     view_bytes = sizes * sizes * 3
@@ -472,23 +396,16 @@ def cut_batch(addresses, nbytes, modes, heights, widths, indices, destination, s
         height, width = heights[i], widths[i]
         state = sample_stream(seed, epoch, np.uint64(indices[i]))
         offsets = starts + i * view_bytes
-        thread = numba.get_thread_id()
-        own_slot = thread < slots
-        slot = scratch + thread * slot_bytes
-        rows_address = slot + image_bytes if own_slot else 0
         if modes[i] == _JPEG_MODE:
-            if own_slot:
-                image = numba.carray(_address_as_pointer(slot), (height, width, 3), np.uint8)
-            else:
-                image = np.empty((height, width, 3), np.uint8)
+            image = np.empty((height, width, 3), np.uint8)
             ctypes_imdecode(
                 _address_as_pointer(addresses[i]), nbytes[i], height, width,
                 _address_as_pointer(image.ctypes.data), height, width, 0, 0, 1, 1, False, False,
             )
-            cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets, rows_address)
+            cut_views(image, state, sizes, scales, log_ratio, flip_p, destination, offsets)
         else:
             raw = numba.carray(_address_as_pointer(addresses[i]), (height, width, 3), np.uint8)
-            cut_views(raw, state, sizes, scales, log_ratio, flip_p, destination, offsets, rows_address)
+            cut_views(raw, state, sizes, scales, log_ratio, flip_p, destination, offsets)
 
 
 class MultiCropDecoder(SimpleRGBImageDecoder):
@@ -514,8 +431,6 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         self.flip_p = float(flip_p)
         self.epoch_cell = np.zeros(1, dtype=np.int64)
         self.view_bytes = self.sizes * self.sizes * 3
-        self.scratch = None  # (buffer, address) of the per-thread slots (generate_code)
-        self.threads = 1  # FFCV's worker threads: the loader sets it before FFCV compiles
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch_cell[0] = epoch
@@ -532,20 +447,6 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         sizes, scales, log_ratio = self.sizes, self.scales, self.log_ratio
         seed, flip_p = np.uint64(self.seed), self.flip_p
         epoch_address = self.epoch_cell.ctypes.data
-        # One slot per worker thread (FFCV runs numba's pool with that many; a thread
-        # beyond them would allocate), sized for the largest image of the file: pages a
-        # thread never touches cost no memory, so a few huge images only reserve space.
-        # FFCV may generate the code more than once and keep an earlier version, so the
-        # buffer outlives every version: allocated once, grown never (same file, same sizes).
-        slots = int(self.threads)
-        image_bytes, slot_bytes = scratch_layout(
-            self.sizes, int(self.metadata["height"].max()), int(self.metadata["width"].max())
-        )
-        if self.scratch is None:
-            self.scratch = scratch_buffer(slots, slot_bytes)
-        buffer, scratch = self.scratch
-        if buffer.size < slots * slot_bytes + _SCRATCH_ALIGN:
-            raise RuntimeError("MultiCropDecoder reused for a file with larger images; build a new one")
 
         def decode(batch_indices, destination, metadata, storage_state):
             count = len(batch_indices)
@@ -567,8 +468,7 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
                 indices[i] = index
             epoch = numba.carray(_address_as_pointer(epoch_address), (1,), np.int64)[0]
             cut_batch(addresses, nbytes, modes, heights, widths, indices, destination.ctypes.data,
-                      seed, np.uint64(epoch), sizes, scales, log_ratio, flip_p,
-                      scratch, slot_bytes, image_bytes, slots)
+                      seed, np.uint64(epoch), sizes, scales, log_ratio, flip_p)
             return destination[:count]
 
         return decode
@@ -685,7 +585,6 @@ class FFCVLoader:
                 workers, numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS,
             )
             workers = numba.config.NUMBA_NUM_THREADS
-        self.decoder.threads = workers
         # FFCV sets torch's thread count to its worker count on the way; the training
         # process keeps its own.
         torch_threads = torch.get_num_threads()
