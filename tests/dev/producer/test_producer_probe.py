@@ -1,0 +1,49 @@
+"""dev/producer/producer_probe.py: the decoder-flag probe and the producer loop, on a few
+generated photographs (the loop as a subprocess: it leaves through os._exit)."""
+
+import re
+import subprocess
+import sys
+
+from conftest import ROOT, load_converter, load_tool, needs_ffcv
+
+PROBE = ROOT / "dev" / "producer" / "producer_probe.py"
+
+
+def photos(tmp_path, count):
+    data = tmp_path / "bench"
+    load_tool("bench_loaders").make_photos(data / "train", count, workers=1)
+    return data
+
+
+@needs_ffcv
+def test_decode_flags_report_time_and_psnr_against_pil(tmp_path):
+    data = photos(tmp_path, 6)
+    result = subprocess.run([sys.executable, str(PROBE), "--data-dir", str(data), "decode-flags",
+                             "--images", "6", "--reps", "1"], capture_output=True, text=True, check=True)
+    lines = {line.split("  ")[0]: line for line in result.stdout.splitlines()}
+    assert set(lines) == {"accurate DCT", "fast DCT (FFCV)", "fast DCT + fast upsampling", "cv2.imdecode"}
+    assert "(1.00x FFCV's" in lines["fast DCT (FFCV)"]
+    # PIL decodes with libjpeg-turbo's accurate DCT: the same pixels; the fast DCT is close, not equal.
+    assert "worst inf dB" in lines["accurate DCT"]
+    worst = float(re.search(r"worst ([0-9.]+) dB", lines["fast DCT (FFCV)"]).group(1))
+    assert 30 < worst < 80
+
+
+@needs_ffcv
+def test_loop_reports_epochs_and_page_faults(tmp_path):
+    data = photos(tmp_path, 16)
+    load_converter().convert(data / "train", data / "train_16_jpeg.beton", max_side=500, quality=90,
+                             raw_fraction=0.0, workers=1, progress=False)
+    result = subprocess.run([sys.executable, str(PROBE), "--data-dir", str(data), "loop", "--images", "16",
+                             "--batch-size", "4", "--epochs", "2"], capture_output=True, text=True, check=True)
+    assert re.search(r"^epoch 1: [0-9.]+ images/s", result.stdout, re.M)
+    faults = re.search(r"page faults: [0-9.]+ per image \(\d+ over (\d+) images\)", result.stdout)
+    assert faults and int(faults.group(1)) == 2 * 16
+
+
+def test_a_missing_beton_is_named(tmp_path):
+    result = subprocess.run([sys.executable, str(PROBE), "--data-dir", str(tmp_path), "loop", "--images", "16"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "train_16_jpeg.beton is missing" in result.stderr
