@@ -111,6 +111,15 @@ def producer_row(name: str, r: dict) -> list[str]:
     return [what, "; ".join(parts)]
 
 
+def resample_row(name: str, r: dict) -> list[str]:
+    figures, pil = r["resample_us_per_photograph"], r["versions"]["pil"]
+    what = (f"FFCV producer's resampler vs PIL {pil} BICUBIC on the same boxes, {r['settings']['crops']}, "
+            f"one thread")
+    result = (f"{_num(figures['producer']['median'])} vs {_num(figures['pil']['median'])} µs per photograph "
+              f"(PIL takes {figures['pil_over_producer']:.2f}× the producer's time)")
+    return [what, result, f"worst PSNR producer vs PIL {r['worst_psnr_producer_vs_pil_db']} dB"]
+
+
 def dali_row(name: str, r: dict) -> list[str]:
     res, setup = r["results"], r["setup"]
     what = (f"DALI producer (CPU mode, {setup['dali_threads']} threads) vs torchvision, {setup['crops']}, "
@@ -227,6 +236,7 @@ RENDERERS = (
     (("images_per_s", "settings", "augment_only"), loaders_row),
     (("summary", "figures", "profile_split_us_per_image_1_thread"), producer_row),
     (("results", "speedup_dali_producer_over_torchvision"), dali_row),
+    (("resample_us_per_photograph", "worst_psnr_producer_vs_pil_db"), resample_row),
     (("rss_growth_after_warmup_mib_per_rank",), soak_row),
     (("comparisons", "profiler"), check_row),
     (("compute", "verdict", "shape"), profile_row),

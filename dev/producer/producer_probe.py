@@ -4,6 +4,7 @@
     python dev/producer/producer_probe.py loop --workers 1 --epochs 20
     perf record -F 1999 -g -D 30000 -- python dev/producer/producer_probe.py loop --epochs 20
     python dev/producer/producer_probe.py decode-flags --images 200
+    python dev/producer/producer_probe.py resample --images 64
 
 ``loop``: the producer as the trainer takes it, with its page faults per image, (tools/bench_loaders.py's FFCV loader,
 copy=False) over the benchmark's all-JPEG .beton, one warm-up epoch, then ``--epochs``
@@ -11,7 +12,10 @@ timed ones; it prints when it is ready, so ``perf -D`` (milliseconds) can skip s
 and leaves without Python's final garbage collection.
 ``decode-flags``: libjpeg-turbo's decode flags (FFCV hard-codes FASTDCT) through a ctypes
 binding, and cv2.imdecode, on one thread, with PSNR against PIL's decode of the same file.
-Both read the photographs and .beton files that tools/bench_loaders.py generated.
+``resample``: the producer's resampler (``resize_crop``) against PIL's BICUBIC resize of
+the same boxes, the recipe's 2 + 6 crops per photograph, on one thread; PIL is whichever
+``import PIL`` finds, so a Pillow-SIMD build put first on PYTHONPATH is measured the same way.
+All read the photographs and .beton files that tools/bench_loaders.py generated.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import ctypes
 import ctypes.util
 import io
+import math
 import os
 import resource
 import statistics
@@ -71,6 +76,18 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 10 * np.log10(255.0 ** 2 / mse) if mse else float("inf")
 
 
+def _interleaved(contenders: dict, reps: int, items: int) -> dict[str, list[float]]:
+    """Thread-CPU µs per item of each contender, ``reps`` rounds of all of them in turn, so
+    other load on the machine hits all alike."""
+    times = {label: [] for label in contenders}
+    for _ in range(reps):
+        for label, run in contenders.items():
+            start = time.thread_time()
+            run()
+            times[label].append((time.thread_time() - start) / items * 1e6)
+    return times
+
+
 def decode_flags(args) -> int:
     import cv2
     from PIL import Image
@@ -103,21 +120,110 @@ def decode_flags(args) -> int:
                                   cv2.COLOR_BGR2RGB)
 
     contenders = {**{label: turbo_decode(flags) for label, flags in FLAGS.items()}, "cv2.imdecode": cv2_decode}
-    quality, times = {}, {label: [] for label in contenders}
+    quality = {}
     for label, run in contenders.items():
         run()
         quality[label] = [_psnr(out, reference) for out, reference in zip(outputs, references)]
-    for _ in range(args.reps):  # interleaved, so other load on the machine hits all alike
-        for label, run in contenders.items():
-            start = time.thread_time()
-            run()
-            times[label].append((time.thread_time() - start) / len(blobs) * 1e6)
+    times = _interleaved(contenders, args.reps, len(blobs))
     ffcv = statistics.median(times["fast DCT (FFCV)"])
     for label in contenders:
         median = statistics.median(times[label])
         print(f"{label:28s} {median:7.1f} µs per image ({median / ffcv:.2f}x FFCV's; median of {args.reps}), "
               f"PSNR vs PIL worst {min(quality[label]):.1f} dB, median {statistics.median(quality[label]):.1f} dB")
     return 0
+
+
+def resample(args) -> int:
+    import PIL
+    from PIL import Image
+
+    from carp_fast.config import CropsConfig
+    from carp_fast.data.ffcv_loader import _uniform, resize_crop, sample_crop_box, sample_stream
+    from carp_fast.data.recipe import FLIP_P, view_specs
+
+    files = sorted((args.data_dir / "train").rglob("*.jpg"))[: args.images]
+    if not files:
+        raise SystemExit(f"no photographs under {args.data_dir / 'train'}: run tools/bench_loaders.py first")
+    crops = CropsConfig()
+    log_ratio = (math.log(crops.ratio[0]), math.log(crops.ratio[1]))
+    photographs = []  # (PIL image, HWC array, [(top, left, height, width, out, flip)])
+    for index, path in enumerate(files):
+        picture = Image.open(path).convert("RGB")
+        pixels = np.ascontiguousarray(np.asarray(picture))
+        state, boxes = np.uint64(sample_stream(np.uint64(0), np.uint64(0), np.uint64(index))), []
+        for size, (low, high) in view_specs(crops):
+            top, left, height, width, state = sample_crop_box(pixels.shape[0], pixels.shape[1], low, high,
+                                                              *log_ratio, np.uint64(state))
+            u, state = _uniform(np.uint64(state))
+            state = np.uint64(state)
+            boxes.append((top, left, height, width, np.empty((size, size, 3), np.uint8), u < FLIP_P))
+        photographs.append((picture, pixels, boxes))
+
+    def ours():
+        for _, pixels, boxes in photographs:
+            for box in boxes:
+                resize_crop(pixels, *box)
+
+    def pil():  # no flip: PIL's costs extra, the producer's is free
+        for picture, _, boxes in photographs:
+            for top, left, height, width, out, _ in boxes:
+                picture.resize(out.shape[:2], Image.BICUBIC, box=(left, top, left + width, top + height))
+
+    worst = math.inf
+    for picture, pixels, boxes in photographs:
+        for top, left, height, width, out, flip in boxes:
+            resize_crop(pixels, top, left, height, width, out, flip)
+            expected = np.asarray(picture.resize(out.shape[:2], Image.BICUBIC,
+                                                 box=(left, top, left + width, top + height)))
+            worst = min(worst, _psnr(out, expected[:, ::-1] if flip else expected))
+    contenders = {"producer (resize_crop)": ours, f"PIL {PIL.__version__}": pil}
+    times = _interleaved(contenders, args.reps, len(photographs))
+    ours_median = statistics.median(times["producer (resize_crop)"])
+    views = len(view_specs(crops))
+    for label in contenders:
+        median = statistics.median(times[label])
+        print(f"{label:28s} {median:8.1f} µs per photograph ({views} crops; {median / ours_median:.2f}x the "
+              f"producer's; median of {args.reps})")
+    print(f"producer vs PIL, same boxes: worst PSNR {worst:.1f} dB over {len(photographs) * views} crops")
+    if args.json:
+        from carp_fast import ownership, profiling
+
+        pil_median = statistics.median(times[f"PIL {PIL.__version__}"])
+        record = {
+            "what": "the FFCV producer's resampler (resize_crop) against PIL's BICUBIC resize of the same boxes, "
+                    "one thread, µs per photograph for all its crops (medians of interleaved reps)",
+            "command": " ".join(["python", "dev/producer/producer_probe.py", *sys.argv[1:]]),
+            "commit": profiling.git_commit(),
+            "machine": profiling.machine_info(),
+            "versions": {**profiling.versions(), "pil": PIL.__version__, "pil_path": str(Path(PIL.__file__).parent)},
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "settings": {"photographs": len(photographs), "reps": args.reps,
+                         "crops": " + ".join(f"{n}x{s} (scale {lo:g}-{hi:g})" for (s, (lo, hi)), n in
+                                             _counted(view_specs(crops))),
+                         "flips": "the producer's flips are part of its resize (free); PIL is timed without them",
+                         "timer": "thread CPU time"},
+            "resample_us_per_photograph": {
+                "producer": {"median": round(ours_median, 1),
+                             "reps": [round(t, 1) for t in times["producer (resize_crop)"]]},
+                "pil": {"median": round(pil_median, 1), "reps": [round(t, 1) for t in times[f"PIL {PIL.__version__}"]]},
+                "pil_over_producer": round(pil_median / ours_median, 2),
+            },
+            "worst_psnr_producer_vs_pil_db": round(worst, 1),
+        }
+        ownership.write_report(args.json, record)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _counted(specs):
+    """``[(spec, how many)]`` of consecutive equal view specs."""
+    runs = []
+    for spec in specs:
+        if runs and runs[-1][0] == spec:
+            runs[-1][1] += 1
+        else:
+            runs.append([spec, 1])
+    return [tuple(run) for run in runs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     flags.add_argument("--images", type=int, default=200)
     flags.add_argument("--reps", type=int, default=5)
     flags.set_defaults(fn=decode_flags)
+    resampling = sub.add_parser("resample", help="the producer's resampler against PIL's BICUBIC, same boxes")
+    resampling.add_argument("--images", type=int, default=64)
+    resampling.add_argument("--reps", type=int, default=11)
+    resampling.add_argument("--json", type=Path, default=None, help="write the figures here (benchmarks/...)")
+    resampling.set_defaults(fn=resample)
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -1,6 +1,7 @@
 """dev/producer/producer_probe.py: the decoder-flag probe and the producer loop, on a few
 generated photographs (the loop as a subprocess: it leaves through os._exit)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -47,3 +48,32 @@ def test_a_missing_beton_is_named(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "train_16_jpeg.beton is missing" in result.stderr
+
+
+@needs_ffcv
+def test_resample_compares_the_producer_with_pil_on_the_same_boxes(tmp_path):
+    data = photos(tmp_path, 3)
+    record = tmp_path / "resample.json"
+    result = subprocess.run([sys.executable, str(PROBE), "--data-dir", str(data), "resample", "--images", "3",
+                             "--reps", "2", "--json", str(record)], capture_output=True, text=True, check=True)
+    producer, pil, quality, wrote = result.stdout.splitlines()
+    assert producer.startswith("producer (resize_crop)") and "(8 crops; 1.00x the producer's" in producer
+    assert pil.startswith("PIL ") and float(re.search(r"([0-9.]+)x the producer's", pil).group(1)) > 0
+    # The same filter as PIL's (flips included), so the figure is a comparison of like with like.
+    worst = re.search(r"worst PSNR ([0-9.]+) dB over (\d+) crops", quality)
+    assert worst and float(worst.group(1)) > 40 and int(worst.group(2)) == 3 * 8
+    # The record holds the printed figures, and the README's report renders it.
+    saved = json.loads(record.read_text())
+    figures = saved["resample_us_per_photograph"]
+    assert len(figures["producer"]["reps"]) == 2 and figures["producer"]["median"] > 0
+    assert figures["pil_over_producer"] == round(figures["pil"]["median"] / figures["producer"]["median"], 2)
+    assert saved["settings"]["crops"] == "2x224 (scale 0.2-1) + 6x96 (scale 0.05-0.2)"
+    row = load_tool("performance_report").table([("resample.json", saved)]).splitlines()[2]
+    assert f"PIL {saved['versions']['pil']} BICUBIC" in row and "resample --images 3 --reps 2" in row
+
+
+def test_resample_without_photographs_says_what_to_run(tmp_path):
+    result = subprocess.run([sys.executable, str(PROBE), "--data-dir", str(tmp_path), "resample"],
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "no photographs under" in result.stderr and "bench_loaders.py" in result.stderr
