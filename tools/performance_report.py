@@ -113,10 +113,10 @@ def producer_row(name: str, r: dict) -> list[str]:
 
 def resample_row(name: str, r: dict) -> list[str]:
     figures, pil = r["resample_us_per_photograph"], r["versions"]["pil"]
-    what = (f"FFCV producer's resampler vs PIL {pil} BICUBIC on the same boxes, {r['settings']['crops']}, "
+    what = (f"FFCV producer's resampler vs {pil} BICUBIC on the same boxes, {r['settings']['crops']}, "
             f"one thread")
     result = (f"{_num(figures['producer']['median'])} vs {_num(figures['pil']['median'])} µs per photograph "
-              f"(PIL takes {figures['pil_over_producer']:.2f}× the producer's time)")
+              f"({pil.split()[0]} takes {figures['pil_over_producer']:.2f}× the producer's time)")
     return [what, result, f"worst PSNR producer vs PIL {r['worst_psnr_producer_vs_pil_db']} dB"]
 
 

@@ -176,7 +176,8 @@ def resample(args) -> int:
             expected = np.asarray(picture.resize(out.shape[:2], Image.BICUBIC,
                                                  box=(left, top, left + width, top + height)))
             worst = min(worst, _psnr(out, expected[:, ::-1] if flip else expected))
-    contenders = {"producer (resize_crop)": ours, f"PIL {PIL.__version__}": pil}
+    pil_label = _pil_distribution(PIL)
+    contenders = {"producer (resize_crop)": ours, pil_label: pil}
     times = _interleaved(contenders, args.reps, len(photographs))
     ours_median = statistics.median(times["producer (resize_crop)"])
     views = len(view_specs(crops))
@@ -188,14 +189,14 @@ def resample(args) -> int:
     if args.json:
         from carp_fast import ownership, profiling
 
-        pil_median = statistics.median(times[f"PIL {PIL.__version__}"])
+        pil_median = statistics.median(times[pil_label])
         record = {
             "what": "the FFCV producer's resampler (resize_crop) against PIL's BICUBIC resize of the same boxes, "
                     "one thread, µs per photograph for all its crops (medians of interleaved reps)",
             "command": " ".join(["python", "dev/producer/producer_probe.py", *sys.argv[1:]]),
             "commit": profiling.git_commit(),
             "machine": profiling.machine_info(),
-            "versions": {**profiling.versions(), "pil": PIL.__version__, "pil_path": str(Path(PIL.__file__).parent)},
+            "versions": {**profiling.versions(), "pil": pil_label, "pil_path": str(Path(PIL.__file__).parent)},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {"photographs": len(photographs), "reps": args.reps,
                          "crops": " + ".join(f"{n}x{s} (scale {lo:g}-{hi:g})" for (s, (lo, hi)), n in
@@ -205,7 +206,7 @@ def resample(args) -> int:
             "resample_us_per_photograph": {
                 "producer": {"median": round(ours_median, 1),
                              "reps": [round(t, 1) for t in times["producer (resize_crop)"]]},
-                "pil": {"median": round(pil_median, 1), "reps": [round(t, 1) for t in times[f"PIL {PIL.__version__}"]]},
+                "pil": {"median": round(pil_median, 1), "reps": [round(t, 1) for t in times[pil_label]]},
                 "pil_over_producer": round(pil_median / ours_median, 2),
             },
             "worst_psnr_producer_vs_pil_db": round(worst, 1),
@@ -213,6 +214,19 @@ def resample(args) -> int:
         ownership.write_report(args.json, record)
         print(f"wrote {args.json}")
     return 0
+
+
+def _pil_distribution(pil) -> str:
+    """"Pillow 13.0.0" or "Pillow-SIMD 12.1.1.post0": which distribution the imported PIL is
+    (both call their package PIL and report only a version)."""
+    import importlib.metadata
+
+    names = {"pillow": "Pillow", "pillow-simd": "Pillow-SIMD"}
+    for distribution in importlib.metadata.distributions(path=[str(Path(pil.__file__).parents[1])]):
+        name = names.get(distribution.metadata["Name"].lower())
+        if name:
+            return f"{name} {distribution.version}"
+    return f"PIL {pil.__version__}"
 
 
 def _counted(specs):

@@ -58,7 +58,7 @@ def test_resample_compares_the_producer_with_pil_on_the_same_boxes(tmp_path):
                              "--reps", "2", "--json", str(record)], capture_output=True, text=True, check=True)
     producer, pil, quality, wrote = result.stdout.splitlines()
     assert producer.startswith("producer (resize_crop)") and "(8 crops; 1.00x the producer's" in producer
-    assert pil.startswith("PIL ") and float(re.search(r"([0-9.]+)x the producer's", pil).group(1)) > 0
+    assert pil.startswith("Pillow") and float(re.search(r"([0-9.]+)x the producer's", pil).group(1)) > 0
     # The same filter as PIL's (flips included), so the figure is a comparison of like with like.
     worst = re.search(r"worst PSNR ([0-9.]+) dB over (\d+) crops", quality)
     assert worst and float(worst.group(1)) > 40 and int(worst.group(2)) == 3 * 8
@@ -69,7 +69,7 @@ def test_resample_compares_the_producer_with_pil_on_the_same_boxes(tmp_path):
     assert figures["pil_over_producer"] == round(figures["pil"]["median"] / figures["producer"]["median"], 2)
     assert saved["settings"]["crops"] == "2x224 (scale 0.2-1) + 6x96 (scale 0.05-0.2)"
     row = load_tool("performance_report").table([("resample.json", saved)]).splitlines()[2]
-    assert f"PIL {saved['versions']['pil']} BICUBIC" in row and "resample --images 3 --reps 2" in row
+    assert f"vs {saved['versions']['pil']} BICUBIC" in row and "resample --images 3 --reps 2" in row
 
 
 def test_resample_without_photographs_says_what_to_run(tmp_path):
