@@ -164,18 +164,20 @@ def resample(args) -> int:
             for box in boxes:
                 resize_crop(pixels, *box)
 
+    def pil_crop(picture, top, left, height, width, out):
+        return picture.resize(out.shape[:2], Image.BICUBIC, box=(left, top, left + width, top + height))
+
     def pil():  # no flip: PIL's costs extra, the producer's is free
         for picture, _, boxes in photographs:
-            for top, left, height, width, out, _ in boxes:
-                picture.resize(out.shape[:2], Image.BICUBIC, box=(left, top, left + width, top + height))
+            for *box, _ in boxes:
+                pil_crop(picture, *box)
 
     worst = math.inf
     for picture, pixels, boxes in photographs:
-        for top, left, height, width, out, flip in boxes:
-            resize_crop(pixels, top, left, height, width, out, flip)
-            expected = np.asarray(picture.resize(out.shape[:2], Image.BICUBIC,
-                                                 box=(left, top, left + width, top + height)))
-            worst = min(worst, _psnr(out, expected[:, ::-1] if flip else expected))
+        for *box, flip in boxes:
+            resize_crop(pixels, *box, flip)
+            expected = np.asarray(pil_crop(picture, *box))
+            worst = min(worst, _psnr(box[-1], expected[:, ::-1] if flip else expected))
     pil_label = _pil_distribution(PIL)
     contenders = {"producer (resize_crop)": ours, pil_label: pil}
     times = _interleaved(contenders, args.reps, len(photographs))
@@ -199,8 +201,9 @@ def resample(args) -> int:
             "versions": {**profiling.versions(), "pil": pil_label, "pil_path": str(Path(PIL.__file__).parent)},
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "settings": {"photographs": len(photographs), "reps": args.reps,
-                         "crops": " + ".join(f"{n}x{s} (scale {lo:g}-{hi:g})" for (s, (lo, hi)), n in
-                                             _counted(view_specs(crops))),
+                         "crops": (f"{crops.global_number}x{crops.global_size} (scale {crops.global_scale[0]:g}-"
+                                   f"{crops.global_scale[1]:g}) + {crops.local_number}x{crops.local_size} (scale "
+                                   f"{crops.local_scale[0]:g}-{crops.local_scale[1]:g})"),
                          "flips": "the producer's flips are part of its resize (free); PIL is timed without them",
                          "timer": "thread CPU time"},
             "resample_us_per_photograph": {
@@ -227,17 +230,6 @@ def _pil_distribution(pil) -> str:
         if name:
             return f"{name} {distribution.version}"
     return f"PIL {pil.__version__}"
-
-
-def _counted(specs):
-    """``[(spec, how many)]`` of consecutive equal view specs."""
-    runs = []
-    for spec in specs:
-        if runs and runs[-1][0] == spec:
-            runs[-1][1] += 1
-        else:
-            runs.append([spec, 1])
-    return [tuple(run) for run in runs]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
-"""dev/producer/producer_probe.py: the decoder-flag probe and the producer loop, on a few
-generated photographs (the loop as a subprocess: it leaves through os._exit)."""
+"""dev/producer/producer_probe.py: the decoder-flag probe, the producer loop and the
+resampler against PIL, on a few generated photographs (as subprocesses: the loop leaves
+through os._exit)."""
 
 import json
 import re
